@@ -1,0 +1,403 @@
+"""fuse(): N same-architecture models -> one FusedModule that runs all N at once."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch import Tensor
+
+from . import rules as _rules  # noqa: F401  (registers every rule)
+from .check import check_models
+from .errors import FusionError
+from .lower import Lowerer, Report, S, codegen, eliminate_dead_code
+from .trace import shape_prop, trace
+
+
+class _Holder(nn.Module):
+    """Stands at the qualname of one original submodule and holds its stacked parameters and buffers."""
+
+    def __init__(self, typename: str):
+        super().__init__()
+        self._fusecc_type = typename
+
+    def extra_repr(self) -> str:
+        return f"fused {self._fusecc_type}"
+
+
+@dataclass
+class _Compiled:
+    fn: Callable
+    graph: fx.Graph
+    report: Report
+
+
+def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    (root.get_submodule(parent) if parent else root).add_module(name, module)
+
+
+class FusedModule(nn.Module):
+    """N models of one architecture as ONE module.
+
+    Every tensor argument of a call carries a leading model dim of size ``num_models`` (or none, for shared inputs);
+    every tensor in the output gets a leading model dim. Parameters and buffers are stacked ``[N, *shape]`` and
+    registered under the original qualnames, so ``state_dict()`` reads like the original's with a leading N.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        shared_inputs: Union[bool, Iterable[str]] = False,
+        leaf_modules: Sequence[Any] = (),
+    ):
+        super().__init__()
+        models = check_models(models)
+        ref = models[0]
+        n = len(models)
+        self.num_models = n
+        proto = copy.deepcopy(ref)  # traced and shape-propagated; the user's models are never touched
+        self.__dict__["_fusecc_proto"] = proto
+        self.__dict__["_fusecc_templates"] = {}
+        self.__dict__["_fusecc_compiled"] = {}
+        self.__dict__["_fusecc_last"] = None
+        self._fusecc_source = type(ref).__qualname__
+        self._fusecc_leaf_modules = tuple(leaf_modules)
+        sig = inspect.signature(proto.forward)
+        for p in sig.parameters.values():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise FusionError(
+                    f"fusecc.fuse: {type(ref).__name__}.forward takes *{p.name}; only named arguments can be fused"
+                )
+        self._fusecc_arg_names = list(sig.parameters)
+        if isinstance(shared_inputs, bool):
+            self._fusecc_shared = set(self._fusecc_arg_names) if shared_inputs else set()
+        else:
+            shared = set(shared_inputs)
+            unknown = shared - set(self._fusecc_arg_names)
+            if unknown:
+                raise ValueError(
+                    f"fusecc.fuse: shared_inputs names {sorted(unknown)}, which {type(ref).__name__}.forward does not "
+                    f"take; its arguments are {self._fusecc_arg_names}"
+                )
+            self._fusecc_shared = shared
+        self._build(models, proto)
+
+    # ------------------------------------------------------------------ construction
+    def _build(self, models: List[nn.Module], proto: nn.Module) -> None:
+        self.training = proto.training
+        for path, mod in proto.named_modules():
+            if not path:
+                continue
+            own = list(mod._parameters.values()) + list(mod._buffers.values())
+            if not any(t is not None for t in own) and not mod._modules:
+                holder = copy.deepcopy(mod)  # parameter-free leaf: keep it as it is (config, training flag)
+            else:
+                holder = _Holder(type(mod).__name__)
+                holder.training = mod.training
+            _set_path(self, path, holder)
+        alias: Dict[str, str] = {}
+        param_names = set()
+        seen: Dict[int, str] = {}
+        for name, p in proto.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                alias[name] = seen[id(p)]
+                continue
+            seen[id(p)] = name
+            alias[name] = name
+            param_names.add(name)
+            with torch.no_grad():
+                stacked = torch.stack([m.get_parameter(name).detach() for m in models])
+            self._register(name, nn.Parameter(stacked, requires_grad=p.requires_grad))
+        for mod_path, mod in proto.named_modules(remove_duplicate=False):
+            for bname, b in mod._buffers.items():
+                if b is None:
+                    continue
+                name = f"{mod_path}.{bname}" if mod_path else bname
+                if id(b) in seen:
+                    alias[name] = seen[id(b)]
+                    continue
+                seen[id(b)] = name
+                alias[name] = name
+                with torch.no_grad():
+                    stacked = torch.stack([m.get_buffer(name).detach() for m in models])
+                self._register(name, stacked, persistent=bname not in mod._non_persistent_buffers_set)
+        self._fusecc_alias = alias
+        self._fusecc_param_names = param_names
+        self._fusecc_state_keys = list(proto.state_dict().keys())
+        # plain tensor attributes (neither parameter nor buffer): shared if equal in every model, else stacked
+        self._fusecc_constants: Dict[str, Tuple[str, bool]] = {}
+        for mod_path, mod in proto.named_modules():
+            for k, v in vars(mod).items():
+                if isinstance(v, Tensor) and not k.startswith("_"):
+                    q = f"{mod_path}.{k}" if mod_path else k
+                    vals = [getattr(m.get_submodule(mod_path), k) for m in models]
+                    same = all(torch.equal(vals[0], x) for x in vals[1:])
+                    bname = f"_fusecc_const{len(self._fusecc_constants)}"
+                    self.register_buffer(bname, vals[0].clone() if same else torch.stack(vals), persistent=False)
+                    self._fusecc_constants[q] = (bname, not same)
+
+    def _register(self, name: str, t: Tensor, persistent: bool = True) -> None:
+        parent, _, leaf = name.rpartition(".")
+        owner = self.get_submodule(parent) if parent else self
+        if isinstance(t, nn.Parameter):
+            owner.register_parameter(leaf, t)
+        else:
+            owner.register_buffer(leaf, t, persistent=persistent)
+
+    # ------------------------------------------------------------------ calling
+    def _bind(self, args: tuple, kwargs: dict) -> List[Tuple[str, Any]]:
+        sig = inspect.signature(self._fusecc_proto.forward)
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise ValueError(
+                f"fusecc: the fused {self._fusecc_source} takes the arguments of {self._fusecc_source}.forward "
+                f"{list(sig.parameters)} (each tensor with a leading model dim of size {self.num_models}): {e}"
+            ) from None
+        bound.apply_defaults()
+        return list(bound.arguments.items())
+
+    def _ref_tensor(self) -> Optional[Tensor]:
+        for t in self.parameters():
+            return t
+        for t in self.buffers():
+            return t
+        return None
+
+    def _signature(self, bound: List[Tuple[str, Any]]) -> Tuple[tuple, List[Tensor]]:
+        n = self.num_models
+        ref = self._ref_tensor()
+        sig: list = []
+        tensors: List[Tensor] = []
+        for name, v in bound:
+            if isinstance(v, Tensor):
+                shared = name in self._fusecc_shared
+                if not shared and (v.dim() == 0 or v.shape[0] != n):
+                    raise ValueError(
+                        f"fusecc: argument '{name}' of the fused {self._fusecc_source}: expected a leading model dim "
+                        f"of size {n} (one slice per model), got shape {list(v.shape)}. Stack the per-model inputs "
+                        "with torch.stack, or fuse with shared_inputs=True to give every model the same input."
+                    )
+                if ref is not None and v.device != ref.device:
+                    raise ValueError(
+                        f"fusecc: argument '{name}' is on {v.device}, the fused model is on {ref.device}; "
+                        f"move the input (x.to('{ref.device}')) or the model (fused.to('{v.device}'))"
+                    )
+                shape = v.shape if shared else v.shape[1:]
+                sig.append(("T", name, shared, len(shape), v.dtype, tuple(s == 1 for s in shape)))
+                tensors.append(v)
+            elif v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.device)):
+                sig.append(("C", name, v))
+            else:
+                raise ValueError(
+                    f"fusecc: argument '{name}' is a {type(v).__name__}; the fused module takes tensors (with a "
+                    "leading model dim) and Python constants (bool, int, float, str, None)"
+                )
+        modes = tuple(m.training for m in self.modules())
+        dev = (ref.dtype, ref.device) if ref is not None else None
+        return (tuple(sig), modes, dev), tensors
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        bound = self._bind(args, kwargs)
+        key, tensors = self._signature(bound)
+        entry = self._fusecc_compiled.get(key)
+        if entry is None:
+            entry = self._compile(key, bound)
+        self.__dict__["_fusecc_last"] = entry
+        return entry.fn(self, *tensors)
+
+    # ------------------------------------------------------------------ compiling
+    def _compile(self, key: tuple, bound: List[Tuple[str, Any]]) -> _Compiled:
+        proto = self._fusecc_proto
+        ref = self._ref_tensor()
+        if ref is not None:
+            pref = next(iter(list(proto.parameters()) + list(proto.buffers())), None)
+            if pref is not None and (pref.device != ref.device or pref.dtype != ref.dtype):
+                proto.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+        fused_mods = dict(self.named_modules())
+        for path, m in proto.named_modules():
+            fm = fused_mods.get(path) if path else self
+            if fm is not None:
+                m.training = fm.training
+        concrete = {name: v for name, v in bound if not isinstance(v, Tensor)}
+        gm = trace(proto, concrete, self._fusecc_leaf_modules)
+        examples = []
+        inputs: List[Tuple[str, Any]] = []
+        for name, v in bound:
+            if isinstance(v, Tensor):
+                shared = name in self._fusecc_shared
+                examples.append(v if shared else v[0])
+                inputs.append(("tensor", None if shared else S(0)))
+            else:
+                examples.append(v)
+                inputs.append(("const", v))
+        shape_prop(gm, examples)
+        lowerer = Lowerer(self, gm, self.num_models)
+        graph = lowerer.run(inputs)
+        eliminate_dead_code(graph)
+        entry = _Compiled(codegen(graph, self._fusecc_source), graph, lowerer.report)
+        self._fusecc_compiled[key] = entry
+        return entry
+
+    def compile_for(self, *args: Any, **kwargs: Any) -> "FusedModule":
+        """Compile for these example inputs now (instead of at the first call). Returns self."""
+        bound = self._bind(args, kwargs)
+        key, _ = self._signature(bound)
+        if key not in self._fusecc_compiled:
+            self.__dict__["_fusecc_last"] = self._compile(key, bound)
+        return self
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def fusion_report(self) -> Optional[Report]:
+        """What the most recent compile fused and how (None before the first call)."""
+        last = self._fusecc_last
+        return last.report if last is not None else None
+
+    @property
+    def code(self) -> str:
+        """The generated Python source of the most recent compile."""
+        last = self._fusecc_last
+        return last.fn.__fusecc_src__ if last is not None else ""
+
+    @property
+    def fused_graph(self) -> Optional[fx.Graph]:
+        last = self._fusecc_last
+        return last.graph if last is not None else None
+
+    def __repr__(self) -> str:
+        shared = (
+            "shared by all models" if self._fusecc_shared and self._fusecc_shared >= set(self._fusecc_arg_names)
+            else f"[N={self.num_models}, ...] per model"
+        )
+        nparam = sum(p.numel() for p in self.parameters())
+        lines = [
+            f"FusedModule({self._fusecc_source} x {self.num_models} models, inputs {shared}, "
+            f"{nparam / self.num_models / 1e6:.2f}M parameters per model)"
+        ]
+        rep = self.fusion_report
+        if rep is None:
+            lines.append("  not compiled yet: compiles at the first call (or fused.compile_for(example_inputs))")
+        else:
+            lines.append(f"  fused ops (compiled for {len(self._fusecc_compiled)} input signature(s); the last):")
+            lines.append(rep.table())
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ models in and out
+    def _check_index(self, i: int) -> int:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise TypeError(f"fusecc: model index must be an int, got {type(i).__name__}")
+        if not -self.num_models <= i < self.num_models:
+            raise IndexError(f"fusecc: model index {i} out of range for {self.num_models} models")
+        return i % self.num_models
+
+    def _canonical_tensor(self, canon: str) -> Tensor:
+        if canon in self._fusecc_param_names:
+            return self.get_parameter(canon)
+        return self.get_buffer(canon)
+
+    def model_state_dict(self, i: int) -> Dict[str, Tensor]:
+        """Model i's weights as a state dict loadable into the original architecture (views, like state_dict)."""
+        i = self._check_index(i)
+        return {k: self._canonical_tensor(self._fusecc_alias[k]).detach()[i] for k in self._fusecc_state_keys}
+
+    def load_model_state_dict(self, i: int, state_dict: Mapping[str, Tensor]) -> None:
+        """Load one model's weights (a state dict of the original architecture) into slot i."""
+        i = self._check_index(i)
+        missing = [k for k in self._fusecc_state_keys if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in self._fusecc_alias]
+        if missing or unexpected:
+            raise KeyError(
+                f"fusecc: load_model_state_dict({i}): the state dict does not fit {self._fusecc_source}: "
+                f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}"
+            )
+        with torch.no_grad():
+            for k in self._fusecc_state_keys:
+                dst = self._canonical_tensor(self._fusecc_alias[k])
+                src = state_dict[k]
+                if tuple(src.shape) != tuple(dst.shape[1:]):
+                    raise ValueError(
+                        f"fusecc: load_model_state_dict({i}): '{k}' has shape {list(src.shape)}, the model expects "
+                        f"{list(dst.shape[1:])}"
+                    )
+                dst[i].copy_(src)
+
+    def unfuse(self) -> List[nn.Module]:
+        """The N models as separate modules of the original class, with the current weights and buffers."""
+        out = []
+        modes = {p: m.training for p, m in self.named_modules()}
+        for i in range(self.num_models):
+            m = copy.deepcopy(self._fusecc_proto)
+            made: Dict[str, Tensor] = {}  # canonical name -> the new tensor, so tied weights stay tied
+            with torch.no_grad():
+                for name, canon in self._fusecc_alias.items():
+                    parent, _, leaf = name.rpartition(".")
+                    owner = m.get_submodule(parent)
+                    if canon not in made:
+                        src = self._canonical_tensor(canon).detach()[i].clone()
+                        if leaf in owner._parameters:
+                            src = nn.Parameter(src, requires_grad=owner._parameters[leaf].requires_grad)
+                        made[canon] = src
+                    if leaf in owner._parameters:
+                        owner._parameters[leaf] = made[canon]
+                    else:
+                        owner._buffers[leaf] = made[canon]
+            for path, sub in m.named_modules():
+                if path in modes:
+                    sub.training = modes[path]
+            m.training = self.training
+            out.append(m)
+        return out
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fusecc_compiled"] = {}
+        state["_fusecc_last"] = None
+        return state
+
+
+def fuse(
+    models: Sequence[nn.Module],
+    *,
+    shared_inputs: Union[bool, Iterable[str]] = False,
+    example_inputs: Optional[Union[Tensor, tuple, dict]] = None,
+    leaf_modules: Sequence[Any] = (),
+) -> FusedModule:
+    """Fuse N models of one architecture that differ only in their weights into ONE module.
+
+    Args:
+        models: N ``nn.Module`` of the same class, with parameters of the same names, shapes, dtypes and devices,
+            and the same train/eval mode. They are not modified.
+        shared_inputs: ``True`` if every model sees the same input (no model dim on the inputs); or the names of
+            the forward arguments that are shared.
+        example_inputs: inputs to compile for now (as passed to the fused module: a tensor, a tuple of positional
+            arguments, or a dict of keyword arguments). Without them, the module compiles at its first call.
+        leaf_modules: module classes or qualnames that torch.fx should not trace into; those without a fusion rule
+            run as a loop over the N models.
+
+    Returns:
+        A :class:`FusedModule`. ``fused(x)`` with ``x`` of shape ``[N, B, ...]`` returns ``[N, B, ...]`` where
+        ``y[i] == models[i](x[i])``.
+
+    Examples::
+
+        models = [torchvision.models.resnet18(num_classes=10).eval() for _ in range(8)]
+        fused = fusecc.fuse(models)
+        y = fused(torch.randn(8, 4, 3, 64, 64))   # [8, 4, 10]
+    """
+    fused = FusedModule(models, shared_inputs=shared_inputs, leaf_modules=leaf_modules)
+    if example_inputs is not None:
+        if isinstance(example_inputs, dict):
+            fused.compile_for(**example_inputs)
+        elif isinstance(example_inputs, tuple):
+            fused.compile_for(*example_inputs)
+        else:
+            fused.compile_for(example_inputs)
+    return fused
+

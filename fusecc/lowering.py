@@ -1,0 +1,439 @@
+"""How each fused op runs: the functions the fused graph calls at run time.
+
+This is the one replaceable place for lowerings. A rule (fusecc/rules/) decides *what* a node becomes and
+where the model dimension sits; the functions here decide *how* it is computed (bmm vs a wide GEMM,
+grouped conv, ...). They use aten ops only, so a fused module runs on any device, exports to TorchScript
+and torch.export, and serves as the reference for the Triton kernels.
+
+Shapes use N for the number of models. A "stacked" parameter is ``[N, *per_model_shape]``; a "folded"
+activation merges the model dim into a per-model dim, model-major (``[B, N*C, H, W]``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ----------------------------------------------------------------------------------------------------------------
+# linear family
+
+
+def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Per-model linear: ``y[n] = x[n] @ weight[n]^T + bias[n]``.
+
+    x ``[N, *, K]``, weight ``[N, M, K]``, bias ``[N, M]`` or None -> ``[N, *, M]``.
+    """
+    n, m, k = weight.shape
+    lead = x.shape[1:-1]
+    x3 = x.reshape(n, -1, k)
+    if bias is None:
+        y = torch.bmm(x3, weight.transpose(1, 2))
+    else:
+        y = torch.baddbmm(bias.unsqueeze(1), x3, weight.transpose(1, 2))
+    return y.reshape((n,) + tuple(lead) + (m,))
+
+
+def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """N linears on one shared input as ONE GEMM with the N weights concatenated.
+
+    x ``[*, K]`` (the same for every model), weight ``[N, M, K]``, bias ``[N, M]`` -> ``[*, N*M]`` (model-major).
+    """
+    k = weight.shape[-1]
+    return F.linear(x, weight.reshape(-1, k), None if bias is None else bias.reshape(-1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# convolution family
+
+
+def stacked_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    groups: int,
+    nd: int,
+) -> Tensor:
+    """Convolution with stacked weights ``[N, Cout, Cin/g, *k]`` as ONE conv with ``N*Cout`` output channels.
+
+    ``groups`` is the conv's own group count: ``N*g`` for a folded input ``[B, N*Cin, *sp]`` (grouped conv,
+    model n reads only its own channels) or ``g`` (=1) for a shared input ``[B, Cin, *sp]`` (wide conv).
+    """
+    w = weight.flatten(0, 1)
+    b = None if bias is None else bias.flatten()
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    return conv(x, w, b, stride, padding, dilation, groups)
+
+
+def stacked_conv_transpose(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: Any,
+    padding: Any,
+    output_padding: Any,
+    groups: int,
+    dilation: Any,
+    nd: int,
+) -> Tensor:
+    """Transposed conv with stacked weights ``[N, Cin, Cout/g, *k]`` on a folded input ``[B, N*Cin, *sp]``."""
+    w = weight.flatten(0, 1)
+    b = None if bias is None else bias.flatten()
+    conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+    return conv(x, w, b, stride, padding, output_padding, groups, dilation)
+
+
+def shared_weight_conv(x: Tensor, conv_fn: Any, batched_rank: int, *args: Any) -> Tensor:
+    """A conv whose weight is the same for every model, on a stacked input ``[N, B, C, *sp]``: fold N into B."""
+    if x.dim() == batched_rank:  # per-model unbatched [C, *sp]: N is the batch
+        return conv_fn(x, *args)
+    n, b = x.shape[0], x.shape[1]
+    y = conv_fn(x.flatten(0, 1), *args)
+    return y.reshape((n, b) + tuple(y.shape[1:]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# normalisation
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    num_batches_tracked: Optional[Tensor],
+) -> Tensor:
+    """BatchNorm of N models on a folded input ``[B, N*C, *]``; stats and affine are stacked ``[N, C]``.
+
+    Statistics are per channel of ``N*C``, so they never mix models; running stats are updated in place through
+    views of the stacked buffers. Mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward``.
+    """
+    eaf = 0.0 if momentum is None else momentum
+    if training and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            eaf = 1.0 / float(num_batches_tracked[0])
+    bn_training = training or (running_mean is None and running_var is None)
+    return F.batch_norm(
+        x,
+        None if running_mean is None else running_mean.view(-1),
+        None if running_var is None else running_var.view(-1),
+        None if weight is None else weight.reshape(-1),
+        None if bias is None else bias.reshape(-1),
+        bn_training,
+        eaf,
+        eps,
+    )
+
+
+def instance_norm(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    use_input_stats: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """InstanceNorm of N models on a folded input ``[B, N*C, *]``."""
+    return F.instance_norm(
+        x,
+        None if running_mean is None else running_mean.view(-1),
+        None if running_var is None else running_var.view(-1),
+        None if weight is None else weight.reshape(-1),
+        None if bias is None else bias.reshape(-1),
+        use_input_stats,
+        momentum,
+        eps,
+    )
+
+
+def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    """GroupNorm of N models on a folded input ``[B, N*C, *]`` as ONE group norm with ``N*G`` groups."""
+    return F.group_norm(
+        x,
+        num_groups,
+        None if weight is None else weight.reshape(-1),
+        None if bias is None else bias.reshape(-1),
+        eps,
+    )
+
+
+def affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """``y * weight + bias`` with weight/bias already viewed to broadcast per model (None = absent)."""
+    if weight is not None and bias is not None:
+        return torch.addcmul(bias, y, weight)
+    if weight is not None:
+        return y * weight
+    if bias is not None:
+        return y + bias
+    return y
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: List[int],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    affine_shape: List[int],
+) -> Tensor:
+    """LayerNorm with per-model affine: normalise (no affine), then ``addcmul`` with weight viewed as affine_shape."""
+    y = F.layer_norm(x, normalized_shape, None, None, eps)
+    return affine(
+        y,
+        None if weight is None else weight.reshape(affine_shape),
+        None if bias is None else bias.reshape(affine_shape),
+    )
+
+
+def rms_norm(
+    x: Tensor, normalized_shape: List[int], weight: Optional[Tensor], eps: Optional[float], affine_shape: List[int]
+) -> Tensor:
+    """RMSNorm with per-model weight viewed as affine_shape."""
+    y = F.rms_norm(x, normalized_shape, None, eps)
+    return y if weight is None else y * weight.reshape(affine_shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# embedding
+
+
+def stacked_embedding(
+    idx: Tensor,
+    weight: Tensor,
+    padding_idx: Optional[int],
+    idx_stacked: bool,
+    scale_grad_by_freq: bool,
+    sparse: bool,
+) -> Tensor:
+    """Per-model embedding tables ``[N, V, D]`` looked up as ONE table ``[N*V, D]`` with per-model offsets.
+
+    idx is ``[N, *]`` (idx_stacked) or shared ``[*]``; the result is ``[N, *, D]``. With a padding_idx the looked-up
+    padding rows get no gradient (as in ``F.embedding``), for every model.
+    """
+    n, v, _ = weight.shape
+    if not idx_stacked:
+        idx = idx.unsqueeze(0)
+    offsets = torch.arange(n, device=idx.device, dtype=idx.dtype).view([n] + [1] * (idx.dim() - 1)) * v
+    out = F.embedding(idx + offsets, weight.flatten(0, 1), None, None, 2.0, scale_grad_by_freq, sparse)
+    if padding_idx is not None:
+        keep = (idx != padding_idx).unsqueeze(-1)
+        out = torch.where(keep, out, out.detach())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shapes
+
+
+def model_size(x: Tensor, kind: str, dim: int, n: int) -> torch.Size:
+    """The per-model ``x.size()`` of a fused value (kind 'S': model dim at ``dim``; 'F': folded into ``dim``)."""
+    s = list(x.shape)
+    if kind == "S":
+        del s[dim]
+    else:
+        s[dim] = s[dim] // n
+    return torch.Size(s)
+
+
+def expand_model(x: Tensor, dim: int, n: int) -> Tensor:
+    """Give a shared value a model dim of size n at ``dim`` (a broadcast view, no copy)."""
+    x = x.unsqueeze(dim)
+    sizes = [-1] * x.dim()
+    sizes[dim] = n
+    return x.expand(sizes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention
+
+
+def _mha_proj(x: Tensor, w: Tensor, b: Optional[Tensor], stacked: bool) -> Tensor:
+    # x: [N, B, T, E] (stacked) or [B, T, E] (shared); w [N, M, E] -> [N, B, T, M]
+    if stacked:
+        return batched_linear(x, w, b)
+    y = wide_linear(x, w, b)  # [B, T, N*M]
+    return y.unflatten(-1, (w.shape[0], -1)).permute(2, 0, 1, 3)
+
+
+def multi_head_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    q_stacked: bool,
+    k_stacked: bool,
+    v_stacked: bool,
+    num_heads: int,
+    in_proj_weight: Optional[Tensor],
+    in_proj_bias: Optional[Tensor],
+    q_proj_weight: Optional[Tensor],
+    k_proj_weight: Optional[Tensor],
+    v_proj_weight: Optional[Tensor],
+    bias_k: Optional[Tensor],
+    bias_v: Optional[Tensor],
+    add_zero_attn: bool,
+    out_proj_weight: Tensor,
+    out_proj_bias: Optional[Tensor],
+    dropout_p: float,
+    key_padding_mask: Optional[Tensor],
+    need_weights: bool,
+    attn_mask: Optional[Tensor],
+    average_attn_weights: bool,
+    is_causal: bool,
+    batch_first: bool,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """``nn.MultiheadAttention`` (batch_first layout) for N models with stacked weights.
+
+    query ``[N, B, T, E]`` when q_stacked else shared ``[B, T, E]`` (same for key/value, length S). Masks are shared
+    (``attn_mask`` ``[T, S]`` or ``[B*H, T, S]``, ``key_padding_mask`` ``[B, S]``). Returns ``([N, B, T, E],
+    [N, B, T, S] | [N, B, H, T, S] | None)``. The model dim is folded into the batch for the attention itself.
+    """
+    if not batch_first:  # [.., T, B, E] -> [.., B, T, E]
+        query, key, value = query.transpose(-3, -2), key.transpose(-3, -2), value.transpose(-3, -2)
+    e = out_proj_weight.shape[-1]
+    n = out_proj_weight.shape[0]
+    if in_proj_weight is not None:
+        wq, wk, wv = in_proj_weight.split(e, dim=1)
+        bq, bk, bv = (None, None, None) if in_proj_bias is None else in_proj_bias.split(e, dim=1)
+    else:
+        assert q_proj_weight is not None and k_proj_weight is not None and v_proj_weight is not None
+        wq, wk, wv = q_proj_weight, k_proj_weight, v_proj_weight
+        bq, bk, bv = (None, None, None) if in_proj_bias is None else in_proj_bias.split(e, dim=1)
+    q = _mha_proj(query, wq, bq, q_stacked)
+    k = _mha_proj(key, wk, bk, k_stacked)
+    v = _mha_proj(value, wv, bv, v_stacked)
+    bsz = q.shape[1]
+    if bias_k is not None and bias_v is not None:  # [N, 1, 1, E] appended as one more key position
+        k = torch.cat([k, bias_k.reshape(n, 1, 1, e).expand(n, bsz, 1, e)], dim=2)
+        v = torch.cat([v, bias_v.reshape(n, 1, 1, e).expand(n, bsz, 1, e)], dim=2)
+        if attn_mask is not None:
+            attn_mask = F.pad(attn_mask, (0, 1))
+        if key_padding_mask is not None:
+            key_padding_mask = F.pad(key_padding_mask, (0, 1))
+    if add_zero_attn:
+        k = torch.cat([k, k.new_zeros((n, bsz, 1, e))], dim=2)
+        v = torch.cat([v, v.new_zeros((n, bsz, 1, e))], dim=2)
+        if attn_mask is not None:
+            attn_mask = F.pad(attn_mask, (0, 1))
+        if key_padding_mask is not None:
+            key_padding_mask = F.pad(key_padding_mask, (0, 1))
+    h = num_heads
+    t, s = q.shape[2], k.shape[2]
+    hd = e // h
+    # [N, B, T, E] -> [N*B, H, T, hd]
+    q = q.reshape(n * bsz, t, h, hd).transpose(1, 2)
+    k = k.reshape(n * bsz, s, h, hd).transpose(1, 2)
+    v = v.reshape(n * bsz, s, h, hd).transpose(1, 2)
+    mask: Optional[Tensor] = None
+    if attn_mask is not None:
+        am = attn_mask
+        if am.dtype == torch.bool:
+            am = torch.zeros_like(am, dtype=q.dtype).masked_fill(am, float("-inf"))
+        am = am.view(bsz, h, t, s) if am.dim() == 3 else am.view(1, 1, t, s)
+        mask = am
+    if key_padding_mask is not None:
+        kp = key_padding_mask
+        if kp.dtype == torch.bool:
+            kp = torch.zeros_like(kp, dtype=q.dtype).masked_fill(kp, float("-inf"))
+        kp = kp.view(bsz, 1, 1, s)
+        mask = kp if mask is None else mask + kp
+    if mask is not None:  # [B or 1, H or 1, T, S] -> [N*B, ...] by repeating over models
+        mask = mask.expand(bsz, h, t, s).repeat(n, 1, 1, 1)
+    if not need_weights:
+        out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal and mask is None)
+        weights = None
+    else:
+        scores = torch.matmul(q * (float(hd) ** -0.5), k.transpose(-2, -1))
+        if is_causal and mask is None:
+            causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        if mask is not None:
+            scores = scores + mask
+        attn = torch.softmax(scores, dim=-1)
+        weights = attn.reshape(n, bsz, h, t, s)
+        weights = weights.mean(dim=2) if average_attn_weights else weights
+        if dropout_p > 0.0:
+            attn = F.dropout(attn, p=dropout_p)
+        out = torch.matmul(attn, v)
+    out = out.transpose(1, 2).reshape(n, bsz, t, e)
+    out = batched_linear(out, out_proj_weight, out_proj_bias)
+    if not batch_first:
+        out = out.transpose(1, 2)
+    return out, weights
+
+
+def sdpa(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor],
+    dropout_p: float,
+    is_causal: bool,
+    scale: Optional[float],
+    enable_gqa: bool,
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` on stacked ``[N, *batch, L, E]`` operands (mask ``[N, *, L, S]``).
+
+    With a batch dim, N is folded into it (``[N*B, H, L, E]``), the shape the fused CPU/GPU kernels take.
+    """
+    if query.dim() >= 4 and key.shape[:-2] == query.shape[:-2] and value.shape[:-2] == query.shape[:-2]:
+        lead = (query.shape[0], query.shape[1])
+        m = attn_mask
+        if m is not None:
+            m = m.expand(tuple(query.shape[:-2]) + tuple(m.shape[-2:])).flatten(0, 1)
+        out = F.scaled_dot_product_attention(
+            query.flatten(0, 1), key.flatten(0, 1), value.flatten(0, 1), m, dropout_p, is_causal, scale=scale,
+            enable_gqa=enable_gqa,
+        )
+        return out.unflatten(0, lead)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the per-model loop (fallback for modules with no rule)
+
+
+def loop_module(
+    template: torch.nn.Module,
+    names: List[str],
+    stacked: List[Tensor],
+    args: List[Any],
+    per_model: List[bool],
+    kwargs: Dict[str, Any],
+    kw_per_model: Dict[str, bool],
+    n: int,
+) -> Any:
+    """Run ``template`` once per model with model i's slice of every stacked parameter/buffer and input.
+
+    args[j] is ``[N, *]`` where per_model[j] (sliced), else passed to every model as is (same for kwargs). Tensor
+    outputs are stacked on a new leading dim; non-tensor outputs are model 0's.
+    """
+    from torch.func import functional_call
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    outs = []
+    for i in range(n):
+        params = {name: t[i] for name, t in zip(names, stacked)}
+        a = tuple(x[i] if pm else x for x, pm in zip(args, per_model))
+        k = {key: (x[i] if kw_per_model[key] else x) for key, x in kwargs.items()}
+        outs.append(functional_call(template, params, a, k, strict=False, tie_weights=False))
+    leaves0, spec = tree_flatten(outs[0])
+    all_leaves = [tree_flatten(o)[0] for o in outs]
+    merged = [
+        torch.stack([lv[j] for lv in all_leaves]) if isinstance(leaves0[j], Tensor) else leaves0[j]
+        for j in range(len(leaves0))
+    ]
+    return tree_unflatten(merged, spec)

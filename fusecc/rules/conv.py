@@ -1,0 +1,109 @@
+"""Convolutions: N convs with stacked weights ``[N, Cout, Cin/g, *k]`` become ONE conv.
+
+- per-model input, folded ``[B, N*Cin, *sp]``: grouped conv with ``groups = N*g`` (model n reads only its own
+  channels), output folded ``[B, N*Cout, *sp]``, so BatchNorm, pooling and activations need no copy;
+- shared input ``[B, Cin, *sp]``, g = 1: ONE ordinary conv with ``N*Cout`` output channels (no grouping at all).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import lowering
+from ..lower import Fo, S, V
+from .registry import Decline, arg, const, register_rule
+
+_CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONVT_FNS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
+
+
+def conv(ctx, x: V, w: V, b, stride, padding, dilation, groups: int, nd: int) -> V:
+    ch = x.rank - nd - 1  # channel dim: 1 for a batched input, 0 for an unbatched one
+    if ch not in (0, 1):
+        raise Decline(f"conv{nd}d expects a {nd + 1}D or {nd + 2}D per-model input, got {x.rank}D")
+    if w.per_model:
+        if b is not None and not b.per_model:
+            b = ctx.stacked(b, 0)
+        if not x.per_model and groups == 1:
+            ctx.record(f"conv{nd}d", "wide conv (shared input, N*Cout output channels)")
+            y = ctx.call(lowering.stacked_conv, x, w, b, stride, padding, dilation, 1, nd)
+            return ctx.out(y, Fo(ch))
+        xf = ctx.folded(x, ch)
+        ctx.record(f"conv{nd}d", "grouped conv (groups = N*g)")
+        y = ctx.call(lowering.stacked_conv, xf, w, b, stride, padding, dilation, groups * ctx.n, nd)
+        return ctx.out(y, Fo(ch))
+    if b is not None and b.per_model:
+        raise Decline("conv with a shared weight and a per-model bias")
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+    xs = ctx.stacked(x, 0)
+    ctx.record(f"conv{nd}d", "one conv (weight shared by all models), N folded into the batch")
+    y = ctx.call(lowering.shared_weight_conv, xs, fn, nd + 1, w, b, stride, padding, dilation, groups)
+    return ctx.out(y, S(0))
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def fuse_conv_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    m = ctx.module(node)
+    x = arg(args, kwargs, 0, "input")
+    nd = len(m.kernel_size)
+    w, b = ctx.mod_tensor(node, "weight"), ctx.mod_tensor(node, "bias")
+    padding = m.padding
+    if m.padding_mode != "zeros":  # as torch's _conv_forward: pad first, then a conv without padding
+        ch = x.rank - nd - 1
+        x = ctx.folded(x, ch) if x.per_model else x
+        lay = x.layout
+        x = V(ctx.call(F.pad, x, m._reversed_padding_repeated_twice, mode=m.padding_mode), lay, x.meta)
+        padding = 0
+    return conv(ctx, x, w, b, m.stride, padding, m.dilation, m.groups, nd)
+
+
+@register_rule(*_CONV_FNS)
+def fuse_conv(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    nd = _CONV_FNS[node.target]
+    x, w = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight")
+    b = arg(args, kwargs, 2, "bias")
+    a = [arg(args, kwargs, 3, "stride", 1), arg(args, kwargs, 4, "padding", 0), arg(args, kwargs, 5, "dilation", 1)]
+    groups = const(arg(args, kwargs, 6, "groups", 1))
+    return conv(ctx, x, w, b if isinstance(b, V) else None, *a, groups, nd)
+
+
+def conv_transpose(ctx, x: V, w: V, b, stride, padding, output_padding, groups: int, dilation, nd: int) -> V:
+    ch = x.rank - nd - 1
+    if ch not in (0, 1):
+        raise Decline(f"conv_transpose{nd}d expects a {nd + 1}D or {nd + 2}D per-model input, got {x.rank}D")
+    if not w.per_model:
+        raise Decline("conv_transpose with a weight shared by all models")
+    if b is not None and not b.per_model:
+        b = ctx.stacked(b, 0)
+    xf = ctx.folded(x, ch)
+    ctx.record(f"conv_transpose{nd}d", "grouped transposed conv (groups = N*g)")
+    y = ctx.call(lowering.stacked_conv_transpose, xf, w, b, stride, padding, output_padding, groups * ctx.n,
+                 dilation, nd)
+    return ctx.out(y, Fo(ch))
+
+
+@register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def fuse_conv_transpose_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    m = ctx.module(node)
+    x = arg(args, kwargs, 0, "input")
+    nd = len(m.kernel_size)
+    if arg(args, kwargs, 1, "output_size") is not None:
+        raise Decline("ConvTranspose called with output_size")
+    w, b = ctx.mod_tensor(node, "weight"), ctx.mod_tensor(node, "bias")
+    return conv_transpose(ctx, x, w, b, m.stride, m.padding, m.output_padding, m.groups, m.dilation, nd)
+
+
+@register_rule(*_CONVT_FNS)
+def fuse_conv_transpose(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    nd = _CONVT_FNS[node.target]
+    x, w = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight")
+    b = arg(args, kwargs, 2, "bias")
+    a = [arg(args, kwargs, 3, "stride", 1), arg(args, kwargs, 4, "padding", 0),
+         arg(args, kwargs, 5, "output_padding", 0)]
+    groups = const(arg(args, kwargs, 6, "groups", 1))
+    dil = arg(args, kwargs, 7, "dilation", 1)
+    return conv_transpose(ctx, x, w, b if isinstance(b, V) else None, *a, groups, dil, nd)
+

@@ -1,0 +1,39 @@
+"""Embedding: per-model tables ``[N, V, D]`` looked up as ONE table ``[N*V, D]`` with per-model row offsets."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import lowering
+from ..lower import S, V
+from .registry import Decline, arg, const, register_rule
+
+
+def embedding(ctx, idx: V, w: V, padding_idx, max_norm, scale_grad_by_freq, sparse) -> V:
+    if max_norm is not None:
+        raise Decline("max_norm renormalises the table in place")
+    if not w.per_model:
+        raise Decline("embedding with a table shared by all models")
+    v = w.meta.shape[0]
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += v
+    ix = ctx.stacked(idx, 0) if idx.per_model else idx
+    ctx.record("embedding", "one lookup in the N tables concatenated")
+    y = ctx.call(lowering.stacked_embedding, ix, w, padding_idx, idx.per_model, scale_grad_by_freq, sparse)
+    return ctx.out(y, S(0))
+
+
+@register_rule(nn.Embedding)
+def fuse_embedding_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    m = ctx.module(node)
+    return embedding(ctx, args[0], ctx.mod_tensor(node, "weight"), m.padding_idx, m.max_norm, m.scale_grad_by_freq,
+                     m.sparse)
+
+
+@register_rule(F.embedding)
+def fuse_embedding(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    idx, w = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight")
+    return embedding(ctx, idx, w, const(arg(args, kwargs, 2, "padding_idx")), const(arg(args, kwargs, 3, "max_norm")),
+                     const(arg(args, kwargs, 5, "scale_grad_by_freq", False)), const(arg(args, kwargs, 6, "sparse", False)))

@@ -1,0 +1,124 @@
+"""Linear layers and matmuls.
+
+- per-model input, per-model weight: batched GEMM (``baddbmm``) on ``[N, B*, K]`` x ``[N, K, M]``;
+- shared input, per-model weight: ONE wide GEMM with the N weights concatenated (``x @ [W_1; ...; W_N]^T``), whose
+  output ``[*, N*M]`` is the folded layout ``F(last)``, so no copy is made;
+- matmul / bmm / ``@`` / einsum between two activations: torch's batched matmul with the model dim as a batch dim.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import lowering
+from ..lower import Fo, S, V
+from .registry import Decline, arg, register_rule
+
+
+def linear(ctx, x: V, w: V, b: V | None) -> V:
+    if w.per_model:
+        if b is not None and not b.per_model:
+            b = ctx.stacked(b, 0)
+        if not x.per_model:
+            ctx.record("linear", "wide GEMM (shared input, N weights concatenated)")
+            return ctx.out(ctx.call(lowering.wide_linear, x, w, b), Fo(x.rank - 1))
+        xs = ctx.stacked(x, 0)
+        ctx.record("linear", "batched GEMM (baddbmm)")
+        return ctx.out(ctx.call(lowering.batched_linear, xs, w, b), S(0))
+    if b is not None and b.per_model:
+        raise Decline("linear with a shared weight and a per-model bias")
+    last = x.rank - 1
+    if x.layout.kind == "F" and x.layout.dim == last or x.layout.kind == "S" and x.layout.dim == x.rank:
+        x = ctx.stacked(x, 0)
+    ctx.record("linear", "one GEMM (weight shared by all models)")
+    return ctx.out(ctx.call(F.linear, x, w, b), x.layout)
+
+
+@register_rule(nn.Linear)
+def fuse_linear_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    """N x Linear(K->M) on x [N, B, K] -> baddbmm with weight [N, M, K] (or one wide GEMM for a shared x)."""
+    x = arg(args, kwargs, 0, "input")
+    return linear(ctx, x, ctx.mod_tensor(node, "weight"), ctx.mod_tensor(node, "bias"))
+
+
+@register_rule(F.linear, torch._C._nn.linear)
+def fuse_linear(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    x, w, b = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
+    if not w.per_model and not x.per_model and not (isinstance(b, V) and b.per_model):
+        return ctx.out(ctx.emit_like(node, args, kwargs), None)
+    return linear(ctx, x, w, b if isinstance(b, V) else None)
+
+
+def matmul(ctx, a: V, b: V) -> V:
+    """Per-model ``a @ b`` with torch.matmul semantics (1-D operands, batch broadcasting)."""
+    a1, b1 = a.rank == 1, b.rank == 1
+    A = ctx.stacked(a, 0) if a.per_model else a
+    B = ctx.stacked(b, 0) if b.per_model else b
+    if a1:
+        A = V(ctx.method("unsqueeze", A, -2), A.layout, a.meta.unsqueeze(0))
+    if b1:
+        B = V(ctx.method("unsqueeze", B, -1), B.layout, b.meta.unsqueeze(-1))
+    rank = max(A.rank, B.rank)
+    if A.per_model:
+        A = ctx.pad(A, rank)
+    if B.per_model:
+        B = ctx.pad(B, rank)
+    y = ctx.call(torch.matmul, A, B)
+    if a1:
+        y = ctx.method("squeeze", y, -2)
+    if b1:
+        y = ctx.method("squeeze", y, -1)
+    ctx.record("matmul", "batched matmul, model dim as a batch dim")
+    return ctx.out(y, S(0))
+
+
+@register_rule(torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.mv, "matmul", "bmm", "mm", "mv", "__matmul__")
+def fuse_matmul(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    return matmul(ctx, args[0], arg(args, kwargs, 1, "mat2", kwargs.get("other", kwargs.get("vec"))))
+
+
+@register_rule(torch.baddbmm, torch.addmm, torch.addbmm, "baddbmm", "addmm")
+def fuse_addmm(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    """beta * input + alpha * (a @ b), composed from the matmul and element-wise rules."""
+    if node.target in (torch.addbmm,):
+        raise Decline("addbmm (sums over the batch) on per-model values")
+    inp, a, b = args[0], args[1], args[2]
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    prod = matmul(ctx, a, b)
+    if alpha != 1:
+        prod = ctx.out(ctx.call(operator.mul, prod, alpha), prod.layout)
+    if beta != 1:
+        inp = V(ctx.call(operator.mul, inp, beta), inp.layout, inp.meta)
+    conv, lay = ctx.broadcast_operands([inp, prod])
+    new, lay = ctx.finish_broadcast(ctx.call(operator.add, conv[0], conv[1]), lay)
+    return ctx.out(new, lay)
+
+
+@register_rule(torch.einsum)
+def fuse_einsum(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    """einsum: the model dim becomes one more subscript letter on every per-model operand and on the output."""
+    eq = args[0]
+    ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+    eq = eq.replace(" ", "")
+    lhs, _, rhs = eq.partition("->")
+    subs = lhs.split(",")
+    if not _:
+        letters = [c for c in lhs if c.isalpha()]
+        rhs = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    free = next(c for c in "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA" if c not in eq)
+    new_ops, new_subs = [], []
+    for s, o in zip(subs, ops):
+        if o.per_model:
+            new_ops.append(ctx.stacked(o, 0))
+            new_subs.append(free + s)
+        else:
+            new_ops.append(o)
+            new_subs.append(s)
+    new_eq = ",".join(new_subs) + "->" + free + rhs
+    ctx.record("einsum", "einsum with a model subscript")
+    return ctx.out(ctx.call(torch.einsum, new_eq, *new_ops), S(0))

@@ -1,0 +1,157 @@
+"""Element-wise ops and activations: the same op on the fused tensor, operands broadcast per model.
+
+Per-model operands are brought to one layout (``Lowerer.broadcast_operands``): a per-model bias ``[C, 1, 1]``
+against a folded activation ``[B, N*C, H, W]`` becomes ``[N, C, 1, 1]`` against the view ``[B, N, C, H, W]``.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..lower import V
+from .registry import arg, register_rule
+
+_OPERATORS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod, operator.pow,
+    operator.neg, operator.pos, operator.abs, operator.invert, operator.eq, operator.ne, operator.lt, operator.le,
+    operator.gt, operator.ge, operator.and_, operator.or_, operator.xor,
+]
+
+_TORCH = [
+    "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "floor_divide", "remainder", "fmod",
+    "pow", "neg", "negative", "abs", "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "sin",
+    "cos", "tan", "asin", "acos", "atan", "atan2", "arctan2", "sinh", "cosh", "tanh", "sigmoid", "relu", "erf", "erfc",
+    "erfinv", "sign", "sgn", "floor", "ceil", "round", "trunc", "frac", "clamp", "clip", "clamp_min", "clamp_max",
+    "where", "maximum", "minimum", "fmax", "fmin", "lerp", "addcmul", "addcdiv", "reciprocal", "square",
+    "logical_and", "logical_or", "logical_not", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_xor",
+    "bitwise_not", "eq", "ne", "lt", "le", "gt", "ge", "greater", "less", "greater_equal", "less_equal", "not_equal",
+    "isnan", "isinf", "isfinite", "nan_to_num", "masked_fill", "hypot", "logaddexp", "xlogy", "heaviside",
+    "copysign", "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "logit", "selu",
+    "celu", "rrelu", "hardshrink", "threshold", "sinc", "deg2rad", "rad2deg", "positive", "float_power", "angle",
+]
+_FUNCTIONAL = [
+    "relu", "relu_", "relu6", "elu", "elu_", "selu", "celu", "gelu", "silu", "mish", "leaky_relu", "leaky_relu_",
+    "hardtanh", "hardtanh_", "hardswish", "hardsigmoid", "sigmoid", "tanh", "softplus", "softshrink", "hardshrink",
+    "tanhshrink", "softsign", "logsigmoid", "threshold", "threshold_", "rrelu", "rrelu_",
+]
+# tensor methods: the torch names plus in-place variants and dunder forms
+_METHODS = sorted(
+    (set(_TORCH) - {"zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like"})
+    | {"hardtanh", "relu6", "silu", "gelu"}
+)
+_INPLACE = [m + "_" for m in _TORCH if hasattr(torch.Tensor, m + "_")]
+
+ELEMENTWISE_FUNCTIONS = (
+    _OPERATORS
+    + [getattr(torch, n) for n in _TORCH if hasattr(torch, n)]
+    + [getattr(F, n) for n in _FUNCTIONAL if hasattr(F, n)]
+    + [torch.relu_, torch.sigmoid_, torch.tanh_] * 1
+)
+ELEMENTWISE_METHODS = [m for m in _METHODS if hasattr(torch.Tensor, m)] + _INPLACE + [
+    "__and__", "__or__", "__xor__", "__invert__", "masked_fill_", "clamp_", "copy_", "fill_", "zero_",
+]
+
+ELEMENTWISE_MODULES = [
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
+    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink, nn.Softsign,
+    nn.LogSigmoid, nn.Threshold, nn.Identity,
+]
+
+
+def _is_inplace(node: fx.Node, kwargs: dict) -> bool:
+    t = node.target
+    if node.op == "call_method":
+        return isinstance(t, str) and t.endswith("_") and not t.startswith("__")
+    if kwargs.get("inplace") is True:
+        return True
+    name = getattr(t, "__name__", "")
+    return name.endswith("_") and not name.startswith("__")
+
+
+@register_rule(*ELEMENTWISE_FUNCTIONS, *ELEMENTWISE_METHODS)
+def fuse_elementwise(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    """Any element-wise op: operands to one layout, then the same op; an in-place op keeps its target."""
+    keys = list(kwargs)
+    conv, layout = ctx.broadcast_operands(list(args) + [kwargs[k] for k in keys])
+    new_args, new_kwargs = tuple(conv[: len(args)]), dict(zip(keys, conv[len(args):]))
+    inplace = _is_inplace(node, kwargs)
+    self_v = args[0] if args else None
+    if inplace and isinstance(self_v, V) and not self_v.per_model:
+        # a shared tensor cannot hold per-model results in place: compute out of place instead
+        if node.op == "call_method":
+            new = ctx.method(node.target[:-1], *new_args, **new_kwargs)
+        else:
+            new_kwargs.pop("inplace", None)
+            new = ctx.call(node.target, *new_args, **new_kwargs)
+    else:
+        new = ctx.emit_like(node, new_args, new_kwargs)
+    if inplace and isinstance(self_v, V) and self_v.per_model:
+        return ctx.out(self_v.node if layout != self_v.layout else new, self_v.layout)
+    new, layout = ctx.finish_broadcast(new, layout)
+    return ctx.out(new, layout)
+
+
+@register_rule(*ELEMENTWISE_MODULES)
+def fuse_activation_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    """A parameter-free element-wise module: call it on the fused tensor as it is (its layout is kept)."""
+    x = args[0]
+    ctx.record(type(ctx.module(node)).__name__.lower(), "element-wise on the fused tensor")
+    return ctx.out(ctx.emit_like(node, args, kwargs), x.layout)
+
+
+@register_rule(nn.RReLU)
+def fuse_rrelu_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    """RReLU draws random slopes in training: a shared input gets a model dim so each model draws its own."""
+    x = args[0]
+    if ctx.module(node).training and not x.per_model:
+        x = ctx.stacked(x, 0)
+    ctx.record("rrelu", "element-wise on the fused tensor")
+    return ctx.out(ctx.emit_like(node, (x,), kwargs), x.layout)
+
+
+@register_rule("type_as", "to", "float", "half", "double", "bfloat16", "long", "int", "bool", "short", "byte",
+               "char", "detach", "detach_", "clone", "contiguous", "requires_grad_", "cpu", "cuda", "type",
+               torch.clone, torch.detach)
+def fuse_unary_keep(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    """Dtype/device/memory ops: applied to the fused tensor as it is; other tensor arguments (``x.to(y)``,
+    ``x.type_as(y)``) only lend their dtype/device."""
+    x = args[0]
+    if not (isinstance(x, V) and x.per_model):
+        return ctx.out(ctx.emit_like(node, args, kwargs), None)
+    return ctx.out(ctx.emit_like(node, args, kwargs), x.layout)
+
+
+@register_rule(nn.PReLU)
+def fuse_prelu_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    """PReLU: per-model weight [N, P] (P = 1 or C) on the channel dim of a folded input."""
+    return _prelu(ctx, args[0], ctx.mod_tensor(node, "weight"))
+
+
+@register_rule(F.prelu, torch.prelu, "prelu", on_shared=False)
+def fuse_prelu(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    return _prelu(ctx, args[0], arg(args, kwargs, 1, "weight"))
+
+
+def _prelu(ctx, x: V, w: V) -> V:
+    """F.prelu reads its weight along dim 1 (dim 0 for 1-D input): fold the model dim into that dim."""
+    p = w.meta.numel()
+    if not w.per_model and p == 1:  # one shared slope: element-wise on any layout
+        ctx.record("prelu", "element-wise on the fused tensor")
+        return ctx.out(ctx.call(F.prelu, x, w), x.layout)
+    ch = 1 if x.rank >= 2 else 0
+    c = x.meta.shape[ch]
+    xf = ctx.folded(x, ch)
+    if w.per_model:
+        wv = ctx.method("reshape", ctx.stacked(w, 0), ctx.n, p)
+        if p == 1 and c != 1:
+            wv = ctx.method("expand", wv, ctx.n, c)
+        wv = ctx.method("reshape", wv, -1)
+    else:
+        wv = ctx.method("repeat", w, ctx.n)
+    ctx.record("prelu", "prelu over N*C channels")
+    return ctx.out(ctx.call(F.prelu, xf, wv), xf.layout)
