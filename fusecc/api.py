@@ -15,7 +15,7 @@ from torch import Tensor
 from . import rules as _rules  # noqa: F401  (registers every rule)
 from .check import check_models
 from .errors import FusionError
-from .lower import Lowerer, Report, S, codegen, eliminate_dead_code
+from .lower import Lowerer, Report, S, codegen, eliminate_dead_code, source_line
 from .trace import shape_prop, trace
 
 
@@ -239,11 +239,24 @@ class FusedModule(nn.Module):
                 inputs.append(("const", v))
         shape_prop(gm, examples)
         lowerer = Lowerer(self, gm, self.num_models)
-        graph = lowerer.run(inputs)
+        try:
+            graph = lowerer.run(inputs)
+        except FusionError as e:
+            raise self._with_source_line(e, concrete) from e.__cause__
         eliminate_dead_code(graph)
         entry = _Compiled(codegen(graph, self._fusecc_source), graph, lowerer.report)
         self._fusecc_compiled[key] = entry
         return entry
+
+    def _with_source_line(self, err: FusionError, concrete: Dict[str, Any]) -> FusionError:
+        """Re-trace with stack traces (costly, so only now) to add the user's source line to a lowering error."""
+        name = getattr(err, "node_name", None)
+        if not name:
+            return err
+        gm = trace(self._fusecc_proto, concrete, self._fusecc_leaf_modules, stack_traces=True)
+        node = next((nd for nd in gm.graph.nodes if nd.name == name), None)
+        line = source_line(node) if node is not None else None
+        return FusionError(f"{err}\n  at {line}") if line else err
 
     def compile_for(self, *args: Any, **kwargs: Any) -> "FusedModule":
         """Compile for these example inputs now (instead of at the first call). Returns self."""

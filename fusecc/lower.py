@@ -343,7 +343,9 @@ class Lowerer:
         node = node or self.node
         where = f"node '{node.name}' ({node.op} {_target_name(node)})" if node is not None else "graph"
         line = source_line(node) if node is not None else None
-        return FusionError(f"fusecc: {where}: {msg}" + (f"\n  at {line}" if line else ""))
+        err = FusionError(f"fusecc: {where}: {msg}" + (f"\n  at {line}" if line else ""))
+        err.node_name = node.name if node is not None and not line else None  # the caller may find the line
+        return err
 
     def run(self, inputs: Sequence[Tuple[str, Any]]) -> fx.Graph:
         """inputs: per placeholder of the traced graph, ("tensor", layout) or ("const", value)."""

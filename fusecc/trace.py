@@ -16,9 +16,10 @@ from .lower import to_meta
 class FuseTracer(fx.Tracer):
     """symbolic_trace's tracer, recording source lines, with extra leaf modules (run by a rule or the loop)."""
 
-    def __init__(self, leaf_types: Tuple[Type[nn.Module], ...] = (), leaf_names: Sequence[str] = ()):
+    def __init__(self, leaf_types: Tuple[Type[nn.Module], ...] = (), leaf_names: Sequence[str] = (),
+                 stack_traces: bool = False):
         super().__init__()
-        self.record_stack_traces = True
+        self.record_stack_traces = stack_traces  # costly (ms per node): only when an error needs the source line
         self.leaf_types = leaf_types
         self.leaf_names = set(leaf_names)
 
@@ -36,10 +37,12 @@ def _user_frame(exc: BaseException) -> str:
     return "<unknown>"
 
 
-def trace(model: nn.Module, concrete_args: Dict[str, Any], leaf_modules: Sequence[Any]) -> fx.GraphModule:
+def trace(
+    model: nn.Module, concrete_args: Dict[str, Any], leaf_modules: Sequence[Any], stack_traces: bool = False
+) -> fx.GraphModule:
     types = tuple(t for t in leaf_modules if isinstance(t, type))
     names = [t for t in leaf_modules if isinstance(t, str)]
-    tracer = FuseTracer(types, names)
+    tracer = FuseTracer(types, names, stack_traces)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args or None)
     except Exception as e:
@@ -72,6 +75,19 @@ class _ShapeProp(fx.Interpreter):
 
 
 def shape_prop(gm: fx.GraphModule, example_args: Sequence[Any]) -> None:
-    """Run the graph on one model's example inputs; store every node's per-model value (as meta tensors)."""
+    """Run the graph on one model's example inputs; store every node's per-model value (as meta tensors).
+
+    It runs under FakeTensorMode (shapes and dtypes only, no compute: seconds saved on conv nets); an op that fake
+    tensors cannot run falls back to one real run of the model copy.
+    """
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in example_args]
+            _ShapeProp(gm).run(*fake)
+        return
+    except Exception:  # noqa: BLE001 - the real run below raises the error if it is a real one
+        pass
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         _ShapeProp(gm).run(*example_args)

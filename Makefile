@@ -1,0 +1,30 @@
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.fusecc-installed
+
+.PHONY: venv demo test test-fast bench clean
+
+# create the virtual environment if absent, (re)install when the requirements change
+$(STAMP): requirements.txt setup.py
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q -r requirements.txt
+	$(VPY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m fusecc.demo
+
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(VPY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(VPY) bench/bench_inference.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

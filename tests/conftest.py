@@ -1,0 +1,18 @@
+import warnings
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _no_fallback_warnings_unless_expected(request):
+    """A test that expects a fallback says so with pytest.warns; elsewhere a fallback is a failure."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fusecc: module .* is not fused", category=UserWarning)
+        yield

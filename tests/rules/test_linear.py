@@ -1,0 +1,100 @@
+"""Linear / F.linear: fused output and gradients equal the N models run one by one."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusecc
+from tests.utils import check_fused, make_models
+
+NS = [1, 3, 8]
+
+
+class Lin(nn.Module):
+    def __init__(self, k, m, bias=True):
+        super().__init__()
+        self.fc = nn.Linear(k, m, bias=bias)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class Functional(nn.Module):
+    """F.linear on the module's own parameters: the per-model weight reaches the rule as a stacked value."""
+
+    def __init__(self, k, m):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(m, k) / k**0.5)
+        self.b = nn.Parameter(torch.randn(m))
+
+    def forward(self, x):
+        return F.linear(x, self.w, self.b)
+
+
+class MLP(nn.Module):
+    def __init__(self, k=7, h=13, m=5):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(k, h), nn.Linear(h, h), nn.Linear(h, m)
+
+    def forward(self, x):
+        return self.l3(F.gelu(self.l2(torch.relu(self.l1(x)))))
+
+
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 7), (7,), (1, 7)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-model", "shared"])
+def test_linear(n, shape, bias, shared):
+    models = make_models(lambda: Lin(7, 11, bias), n)
+    x = torch.randn(*shape) if shared else torch.randn(n, *shape)
+    fused = check_fused(models, (x,), shared=shared)
+    how = "wide GEMM (shared input, N weights concatenated)" if shared else "batched GEMM (baddbmm)"
+    assert fused.fusion_report.count("linear", how) == 1
+    assert not fused.fusion_report.fallbacks
+
+
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("shared", [False, True], ids=["per-model", "shared"])
+def test_functional_linear(n, shared):
+    models = make_models(lambda: Functional(6, 4), n)
+    x = torch.randn(3, 6) if shared else torch.randn(n, 3, 6)
+    fused = check_fused(models, (x,), shared=shared)
+    assert fused.fusion_report.count("linear") == 1
+
+
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("shared", [False, True], ids=["per-model", "shared"])
+def test_mlp_chain(n, shared):
+    models = make_models(MLP, n)
+    x = torch.randn(4, 7) if shared else torch.randn(n, 4, 7)
+    fused = check_fused(models, (x,), shared=shared)
+    assert fused.fusion_report.count("linear") == 3
+
+
+def test_shared_input_is_one_wide_gemm():
+    """With a shared input the first layer is ONE GEMM on [B, K] x [K, N*M], not N copies of the input."""
+    models = make_models(MLP, 4)
+    fused = fusecc.fuse(models, shared_inputs=True)
+    fused(torch.randn(2, 7))
+    assert fused.fusion_report.count("linear", "wide GEMM (shared input, N weights concatenated)") == 1
+    assert fused.fusion_report.count("linear", "batched GEMM (baddbmm)") == 2
+    assert "expand" not in fused.fusion_report.conversions  # the shared input was never copied N times
+
+
+def test_model_independence():
+    """Model i's output depends on model i's weights and input only."""
+    models = make_models(MLP, 3)
+    fused = fusecc.fuse(models)
+    x = torch.randn(3, 4, 7)
+    with torch.no_grad():
+        y0 = fused(x)
+        fused.l1.weight[1].add_(1.0)  # change model 1's weights
+        y1 = fused(x)
+        x2 = x.clone()
+        x2[2] = float("nan")  # poison model 2's input
+        y2 = fused(x2)
+    assert torch.equal(y0[0], y1[0]) and torch.equal(y0[2], y1[2])
+    assert not torch.equal(y0[1], y1[1])
+    assert torch.equal(y2[0], y0[0]) and torch.equal(y2[1], y1[1])
+    assert torch.isnan(y2[2]).all()
