@@ -66,6 +66,7 @@ class FusedModule(nn.Module):
         self.__dict__["_fusecc_templates"] = {}
         self.__dict__["_fusecc_compiled"] = {}
         self.__dict__["_fusecc_last"] = None
+        self._fusecc_traced_consts: List[str] = []
         self._fusecc_source = type(ref).__qualname__
         self._fusecc_leaf_modules = tuple(leaf_modules)
         sig = inspect.signature(proto.forward)

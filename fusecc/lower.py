@@ -308,8 +308,9 @@ class Lowerer:
         if all(o.layout == lead.layout and o.rank == rank for o in pm):  # fast path: no conversion at all
             if lead.layout.kind == "S" and all(o.rank <= rank - d for o in shared):
                 return list(operands), lead.layout
-            # folded: shared operands must not vary along the folded dim
-            if lead.layout.kind == "F" and all(
+            # folded: every per-model operand has the same size along the folded dim (else N*C and N*1 would not
+            # broadcast), and shared operands do not vary along it
+            if lead.layout.kind == "F" and all(o.meta.shape[d] == lead.meta.shape[d] for o in pm) and all(
                 o.rank <= rank - d - 1 or o.meta.shape[d - (rank - o.rank)] == 1 for o in shared
             ):
                 return list(operands), lead.layout
@@ -391,8 +392,11 @@ class Lowerer:
             meta = torch.empty(t.shape[1:] if stacked else t.shape, dtype=t.dtype, device="meta")
             return V(self.get_attr(name), S(0) if stacked else None, meta)
         val = _getattr_path(self.traced, node.target)
-        if isinstance(val, Tensor):  # pragma: no cover - constants are collected at fuse time
-            raise self.error("tensor attribute was not collected at fuse time")
+        if isinstance(val, Tensor):  # a constant the trace made (torch.tensor(...) in forward): the same for all
+            name = f"_fusecc_traced_const{len(self.fused._fusecc_traced_consts)}"
+            self.fused._fusecc_traced_consts.append(name)
+            self.fused.register_buffer(name, val.detach().clone(), persistent=False)
+            return V(self.get_attr(name), None, torch.empty(val.shape, dtype=val.dtype, device="meta"))
         return V(val, None, val)
 
     def _output(self, node: fx.Node) -> None:

@@ -292,11 +292,14 @@ def multi_head_attention(
     average_attn_weights: bool,
     is_causal: bool,
     batch_first: bool,
+    kpm_stacked: bool,
+    mask_stacked: bool,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """``nn.MultiheadAttention`` (batch_first layout) for N models with stacked weights.
 
     query ``[N, B, T, E]`` when q_stacked else shared ``[B, T, E]`` (same for key/value, length S). Masks are shared
-    (``attn_mask`` ``[T, S]`` or ``[B*H, T, S]``, ``key_padding_mask`` ``[B, S]``). Returns ``([N, B, T, E],
+    (``attn_mask`` ``[T, S]`` or ``[B*H, T, S]``, ``key_padding_mask`` ``[B, S]``) or stacked (a leading N, flagged by
+    kpm_stacked / mask_stacked). Returns ``([N, B, T, E],
     [N, B, T, S] | [N, B, H, T, S] | None)``. The model dim is folded into the batch for the attention itself.
     """
     if not batch_first:  # [.., T, B, E] -> [.., B, T, E]
@@ -335,21 +338,23 @@ def multi_head_attention(
     q = q.reshape(n * bsz, t, h, hd).transpose(1, 2)
     k = k.reshape(n * bsz, s, h, hd).transpose(1, 2)
     v = v.reshape(n * bsz, s, h, hd).transpose(1, 2)
+    # one additive mask [N, B, H, T, S] from the pieces, each viewed to broadcast against it
     mask: Optional[Tensor] = None
     if attn_mask is not None:
         am = attn_mask
         if am.dtype == torch.bool:
             am = torch.zeros_like(am, dtype=q.dtype).masked_fill(am, float("-inf"))
-        am = am.view(bsz, h, t, s) if am.dim() == 3 else am.view(1, 1, t, s)
-        mask = am
+        lead = n if mask_stacked else 1
+        full = am.dim() - (1 if mask_stacked else 0) == 3  # [B*H, T, S] per model
+        mask = am.view(lead, bsz, h, t, s) if full else am.view(lead, 1, 1, t, s)
     if key_padding_mask is not None:
         kp = key_padding_mask
         if kp.dtype == torch.bool:
             kp = torch.zeros_like(kp, dtype=q.dtype).masked_fill(kp, float("-inf"))
-        kp = kp.view(bsz, 1, 1, s)
+        kp = kp.view(n if kpm_stacked else 1, bsz, 1, 1, s)
         mask = kp if mask is None else mask + kp
-    if mask is not None:  # [B or 1, H or 1, T, S] -> [N*B, ...] by repeating over models
-        mask = mask.expand(bsz, h, t, s).repeat(n, 1, 1, 1)
+    if mask is not None:
+        mask = mask.expand(n, bsz, h, t, s).reshape(n * bsz, h, t, s)
     if not need_weights:
         out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal and mask is None)
         weights = None
@@ -400,6 +405,28 @@ def sdpa(
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.vmap over the model dim (per-model indexing, and functions with no rule)
+
+
+_VMAP_FNS: Dict[str, Any] = {}
+
+
+def vmap_key(fn: Any) -> str:
+    """A name for ``fn`` that generated code can carry (it cannot hold a function object as an argument)."""
+    key = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', getattr(fn, '__name__', repr(fn)))}"
+    if _VMAP_FNS.setdefault(key, fn) is not fn:
+        key = f"{key}@{id(fn):x}"
+        _VMAP_FNS[key] = fn
+    return key
+
+
+def vmap_call(fn: str, in_dims: Tuple[Any, ...], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    """``fn(*args, **kwargs)`` per model: ``torch.vmap`` over dim 0 of the arguments whose in_dim is 0."""
+    f = _VMAP_FNS[fn]
+    return torch.vmap(lambda *a: f(*a, **kwargs), in_dims=in_dims)(*args)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,9 +24,12 @@ def fuse_mha(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     for name, t in (("query", q), ("key", k), ("value", v)):
         if t.rank != 3:
             raise Decline(f"unbatched {name} (rank {t.rank}); only batched [B, T, E] inputs are fused")
-    for name, t in (("key_padding_mask", kpm), ("attn_mask", attn_mask)):
-        if isinstance(t, V) and t.per_model:
-            raise Decline(f"a per-model {name}")
+    kpm_pm = isinstance(kpm, V) and kpm.per_model
+    mask_pm = isinstance(attn_mask, V) and attn_mask.per_model
+    if kpm_pm:
+        kpm = ctx.stacked(kpm, 0)
+    if mask_pm:
+        attn_mask = ctx.stacked(attn_mask, 0)
     if is_causal and attn_mask is None:
         raise Decline("is_causal without attn_mask")
     t = {name: ctx.mod_tensor(node, name) for name in (
@@ -38,7 +41,7 @@ def fuse_mha(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
         lowering.multi_head_attention, *qs, q.per_model, k.per_model, v.per_model, m.num_heads,
         t["in_proj_weight"], t["in_proj_bias"], t["q_proj_weight"], t["k_proj_weight"], t["v_proj_weight"],
         t["bias_k"], t["bias_v"], m.add_zero_attn, t["out_proj.weight"], t["out_proj.bias"],
-        m.dropout if m.training else 0.0, kpm, need_weights, attn_mask, avg, False, m.batch_first,
+        m.dropout if m.training else 0.0, kpm, need_weights, attn_mask, avg, False, m.batch_first, kpm_pm, mask_pm,
     )
     return ctx.out(y, (S(0), S(0) if need_weights else None))
 

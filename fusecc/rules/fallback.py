@@ -71,3 +71,70 @@ def loop(ctx, node: fx.Node, args: tuple, kwargs: dict, reason: str) -> V:
 def lambda_getitem(d: dict, key: str):
     """``d[key]`` (a named function, so generated code stays readable)."""
     return d[key]
+
+
+def vmap(ctx, node: fx.Node, args: tuple, kwargs: dict, kind: str, warn_reason: str | None) -> V:
+    """Run a function per model under ``torch.vmap`` over the model dim, checked now on meta tensors.
+
+    Used as the lowering of per-model indexing, and as the fallback of functions with no rule (then with a
+    warning). If vmap cannot run the function (data-dependent output shapes, randomness), the compile fails with
+    vmap's reason.
+    """
+    import torch
+
+    n = ctx.n
+    if any(isinstance(a, V) and a.per_model for a in kwargs.values()):
+        raise ctx.error("keyword arguments carrying a per-model tensor are not supported here")
+
+    def prep(a):
+        """(fused-graph argument, in_dim, meta stand-in) for one (possibly nested) argument."""
+        if isinstance(a, V):
+            if a.is_tensor and a.per_model:
+                s = ctx.stacked(a, 0)
+                meta = torch.empty((n,) + tuple(a.meta.shape), dtype=a.meta.dtype, device="meta")
+                return s, 0, meta
+            if has_model(a.layout):
+                raise ctx.error("a container of per-model values cannot be passed through torch.vmap")
+            return a, None, a.meta
+        if isinstance(a, (tuple, list)):
+            parts = [prep(x) for x in a]
+            return type(a)(p[0] for p in parts), type(a)(p[1] for p in parts), type(a)(p[2] for p in parts)
+        return a, None, a
+
+    parts = [prep(a) for a in args]
+    fargs = tuple(p[0] for p in parts)
+    in_dims = tuple(p[1] for p in parts)
+    metas = tuple(p[2] for p in parts)
+    kw = {k: (v.meta if isinstance(v, V) else v) for k, v in kwargs.items()}
+    if node.op == "call_method":
+        fn = getattr(torch.Tensor, node.target, None)
+        if fn is None:
+            raise ctx.error(f"tensor method '{node.target}' unknown")
+    else:
+        fn = node.target
+    try:
+        out = torch.vmap(lambda *a: fn(*a, **kw), in_dims=in_dims)(*metas)
+    except Exception as e:  # noqa: BLE001 - any failure means: no safe way to run it per model
+        from .registry import registered_summary
+
+        raise ctx.error(
+            f"no rule registered for this op on per-model values, and torch.vmap cannot run it per model "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Wrap the code in a submodule and "
+            f"pass it in fuse(..., leaf_modules=[...]) to run it as a loop over the N models. "
+            f"Registered: {registered_summary()}"
+        ) from None
+    meta = node.meta.get("fusecc_pm")
+    got = tree_map(lambda t: tuple(t.shape[1:]) if isinstance(t, Tensor) else None, out)
+    want = tree_map(lambda t: tuple(t.shape) if isinstance(t, Tensor) else None, meta)
+    if got != want:
+        raise ctx.error(f"torch.vmap gives per-model shapes {got}, the model gives {want}")
+    if warn_reason is not None:
+        import warnings
+
+        where = f"node '{node.name}'"
+        warnings.warn(f"fusecc: {where} ({node.target}) has no rule ({warn_reason}); it runs under torch.vmap over "
+                      "the model dim", UserWarning, stacklevel=4)
+        ctx.report.fallbacks.append((node.name, str(getattr(node.target, "__name__", node.target)), "torch.vmap"))
+    ctx.record(kind, "torch.vmap over the model dim")
+    y = ctx.call(lowering.vmap_call, lowering.vmap_key(fn), in_dims, fargs, dict(kwargs))
+    return ctx.out(y, tree_map(lambda m: S(0) if isinstance(m, Tensor) else None, meta))

@@ -77,9 +77,13 @@ def matmul(ctx, a: V, b: V) -> V:
     return ctx.out(y, S(0))
 
 
-@register_rule(torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.mv, "matmul", "bmm", "mm", "mv", "__matmul__")
+@register_rule(torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.mv, torch.dot, torch.inner, "matmul", "bmm",
+               "mm", "mv", "dot", "__matmul__")
 def fuse_matmul(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
-    return matmul(ctx, args[0], arg(args, kwargs, 1, "mat2", kwargs.get("other", kwargs.get("vec"))))
+    other = arg(args, kwargs, 1, "other", kwargs.get("mat2", kwargs.get("vec", kwargs.get("tensor"))))
+    if node.target is torch.inner and other.rank != 1:
+        raise Decline("torch.inner of tensors of rank > 1")
+    return matmul(ctx, args[0], other)
 
 
 @register_rule(torch.baddbmm, torch.addmm, torch.addbmm, "baddbmm", "addmm")

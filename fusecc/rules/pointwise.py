@@ -69,6 +69,8 @@ def _is_inplace(node: fx.Node, kwargs: dict) -> bool:
         return isinstance(t, str) and t.endswith("_") and not t.startswith("__")
     if kwargs.get("inplace") is True:
         return True
+    if getattr(t, "__module__", None) in ("_operator", "operator"):  # operator.and_/or_ are not in-place
+        return False
     name = getattr(t, "__name__", "")
     return name.endswith("_") and not name.startswith("__")
 
@@ -124,6 +126,12 @@ def fuse_unary_keep(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     if not (isinstance(x, V) and x.per_model):
         return ctx.out(ctx.emit_like(node, args, kwargs), None)
     return ctx.out(ctx.emit_like(node, args, kwargs), x.layout)
+
+
+@register_rule("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor")
+def fuse_new_tensor(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    """``x.new_*(size)``: x only lends dtype and device; the size is given, so the result is shared."""
+    return ctx.out(ctx.emit_like(node, args, kwargs), None)
 
 
 @register_rule(nn.PReLU)

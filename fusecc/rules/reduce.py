@@ -40,7 +40,7 @@ _REDUCTIONS = {
     "prod": (1, 2), "logsumexp": (1, 2), "all": (1, 2), "any": (1, 2), "argmax": (1, 2), "argmin": (1, 2),
     "max": (1, 2), "min": (1, 2), "median": (1, 2), "nanmedian": (1, 2), "mode": (1, 2),
     "std": (1, 3), "var": (1, 3), "std_mean": (1, 3), "var_mean": (1, 3), "count_nonzero": (1, None),
-    "aminmax": (None, None),
+    "aminmax": (None, None), "kthvalue": (2, 3),
 }
 
 
@@ -60,6 +60,17 @@ def fuse_reduction(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     if name == "aminmax":
         dim = kwargs.get("dim")
         keepdim = kwargs.get("keepdim", False)
+        if dim is not None:  # keyword-only dim
+            p = norm_dim(const(dim), x.rank)
+            x = free_of(ctx, x, [p])
+            k = dict(kwargs, dim=ctx.tdim(x, p))
+            new = ctx.emit_like(node, (x,), k)
+            lay = x.layout if keepdim else layout_after_removal(x.layout, [p])
+            ctx.record("reduction", "along a per-model dim of the fused tensor")
+            return ctx.out(new, (lay, lay))
+    elif name == "kthvalue":
+        dim = arg(args, kwargs, dpos, "dim", -1)
+        keepdim = const(arg(args, kwargs, kpos, "keepdim", False))
     else:
         dim = arg(args, kwargs, dpos, "dim")
         keepdim = const(arg(args, kwargs, kpos, "keepdim", False)) if kpos is not None else False
@@ -86,7 +97,8 @@ def fuse_reduction(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
         a, k = set_arg(args, kwargs, dpos, "dim", tdims)
         a = (xs,) + tuple(a[1:])
         new = ctx.emit_like(node, a, k)
-        return ctx.out(new, S(d) if keepdim else S(0))
+        ctx.record("reduction", "over every per-model dim")
+        return ctx.out(new, _tuple_like(ctx, S(d) if keepdim else S(0)))
     dims = _dims(dim, x.rank)
     x = free_of(ctx, x, dims)
     td = [ctx.tdim(x, p) for p in dims]
@@ -94,6 +106,7 @@ def fuse_reduction(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     a = (x,) + tuple(a[1:])
     new = ctx.emit_like(node, a, k)
     lay = x.layout if keepdim else layout_after_removal(x.layout, dims)
+    ctx.record("reduction", "along a per-model dim of the fused tensor")
     return ctx.out(new, _tuple_like(ctx, lay))
 
 
@@ -107,7 +120,7 @@ _DIMWISE = {
     "softmax": (1, "dim", None), "log_softmax": (1, "dim", None), "softmin": (1, "dim", None),
     "cumsum": (1, "dim", None), "cumprod": (1, "dim", None), "logcumsumexp": (1, "dim", None),
     "cummax": (1, "dim", None), "cummin": (1, "dim", None), "sort": (1, "dim", -1), "argsort": (1, "dim", -1),
-    "topk": (2, "dim", -1), "kthvalue": (2, "dim", -1), "flip": (1, "dims", None), "normalize": (2, "dim", 1),
+    "topk": (2, "dim", -1), "flip": (1, "dims", None), "normalize": (2, "dim", 1),
     "glu": (1, "dim", -1), "roll": (2, "dims", None), "diff": (2, "dim", -1), "renorm": (2, "dim", None),
 }
 
@@ -115,9 +128,9 @@ _DIMWISE = {
 @register_rule(
     F.softmax, F.log_softmax, F.softmin, F.normalize, F.glu, torch.softmax, torch.log_softmax, torch.cumsum,
     torch.cumprod, torch.logcumsumexp, torch.cummax, torch.cummin, torch.sort, torch.argsort, torch.topk,
-    torch.kthvalue, torch.flip, torch.roll, torch.diff, torch.renorm,
+    torch.flip, torch.roll, torch.diff, torch.renorm,
     "softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin", "sort", "argsort", "topk",
-    "kthvalue", "flip", "roll", "diff", "renorm", "cumsum_",
+    "flip", "roll", "diff", "renorm", "cumsum_",
 )
 def fuse_dimwise(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     name = _name(node).rstrip("_")
@@ -138,6 +151,7 @@ def fuse_dimwise(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     td = [ctx.tdim(x, p) for p in dims]
     a, k = set_arg(args, kwargs, pos, kw, td[0] if isinstance(const(dim), int) else td)
     new = ctx.emit_like(node, (x,) + tuple(a[1:]), k)
+    ctx.record(name, "along a per-model dim of the fused tensor")
     return ctx.out(new, _tuple_like(ctx, x.layout))
 
 

@@ -75,6 +75,13 @@ def registered_ops() -> List[str]:
     return sorted(set(names))
 
 
+def registered_summary() -> str:
+    """A short list for error messages: the module types, and how many functions and methods."""
+    mods = sorted(t.__name__ for t in _MODULES)
+    return (f"modules {mods}; plus {len(_FUNCTIONS)} functions and {len(_METHODS)} tensor methods "
+            "(fusecc.rules.registered_ops() lists them)")
+
+
 def _any_pm(args: Any, kwargs: Any) -> bool:
     found = []
     fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if is_pm(a) else None)
@@ -98,6 +105,8 @@ def lower_node(ctx: Any, node: fx.Node, args: tuple, kwargs: dict) -> V:
             return rule(ctx, node, args, kwargs)
         except Decline as e:
             return fallback.loop(ctx, node, args, kwargs, str(e))
+    from . import fallback
+
     table = _FUNCTIONS if node.op == "call_function" else _METHODS
     try:
         entry = table.get(node.target)
@@ -111,11 +120,7 @@ def lower_node(ctx: Any, node: fx.Node, args: tuple, kwargs: dict) -> V:
             raise ctx.error(f"cannot fuse this op: {e}") from None
     if not pm:
         return passthrough(ctx, node, args, kwargs)
-    raise ctx.error(
-        "no rule registered for this op on per-model values, and a function has no safe fallback. "
-        "Wrap the code in a submodule and pass it in fuse(..., leaf_modules=[...]) to run it as a loop over the "
-        f"N models. Registered ops: {registered_ops()}"
-    )
+    return fallback.vmap(ctx, node, args, kwargs, "fallback", "no rule registered for this op")
 
 
 def warn_fallback(qualname: str, typename: str, reason: str) -> None:

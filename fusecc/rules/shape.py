@@ -86,8 +86,12 @@ def fuse_numel(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
 @register_rule(getattr)
 def fuse_getattr(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x, name = args[0], const(args[1])
-    if not x.is_tensor:
-        return ctx.out(ctx.emit_like(node, args, kwargs), x.layout[name] if isinstance(x.layout, dict) else None)
+    if not x.is_tensor:  # a field of a per-model container: torch.return_types (values, indices), ...
+        lay = None
+        if isinstance(x.layout, (tuple, list)) and isinstance(x.meta, tuple):
+            field = getattr(x.meta, name)
+            lay = next((lo for m, lo in zip(x.meta, x.layout) if m is field), None)
+        return ctx.out(ctx.emit_like(node, args, kwargs), lay)
     if name == "shape":
         return ctx.out(ctx.call(lowering.model_size, x, x.layout.kind, x.layout.dim, ctx.n), None)
     if name == "ndim":
@@ -308,11 +312,12 @@ def fuse_squeeze(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
 @register_rule("expand", "broadcast_to", torch.broadcast_to)
 def fuse_expand(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x = args[0]
-    if node.target == "expand" and "size" in kwargs:
-        args = (x, kwargs["size"])
+    if "size" in kwargs or "shape" in kwargs:
+        args = (x, kwargs.get("size", kwargs.get("shape")))
     shape, single = _shape_args(args)
-    if single:
-        raise Decline("expand to a runtime torch.Size")
+    if single:  # a runtime torch.Size: its length is known from the per-model example
+        xs = ctx.stacked(ctx.pad(ctx.stacked(x, 0), len(shape.meta)), 0)
+        return ctx.out(ctx.method("expand", xs, ctx.call(operator.add, (ctx.n,), shape)), S(0))
     xs = ctx.pad(ctx.stacked(x, 0), len(shape))
     xs = ctx.stacked(xs, 0)
     return ctx.out(ctx.method("expand", xs, [ctx.n] + list(shape)), S(0))
@@ -359,7 +364,9 @@ def fuse_getitem(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
 
     adv = [i for i, it in enumerate(items) if is_index_tensor(it)]
     if any(isinstance(items[i], V) and items[i].per_model for i in adv):
-        raise Decline("indexing with a per-model index tensor")
+        from . import fallback
+
+        return fallback.vmap(ctx, node, args, kwargs, "getitem", None)
     if any(isinstance(items[i], V) and items[i].meta.dtype == torch.bool for i in adv):
         if len(adv) > 1:
             raise Decline("boolean mask together with other index tensors")
@@ -397,7 +404,9 @@ def fuse_select(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
 def fuse_index_select(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x, index = args[0], arg(args, kwargs, 2, "index")
     if isinstance(index, V) and index.per_model:
-        raise Decline("index_select with a per-model index")
+        from . import fallback
+
+        return fallback.vmap(ctx, node, args, kwargs, "index_select", None)
     p = norm_dim(const(arg(args, kwargs, 1, "dim")), x.rank)
     x = free_of(ctx, x, [p])
     return ctx.out(ctx.method("index_select", x, ctx.tdim(x, p), index), x.layout)

@@ -75,21 +75,37 @@ def test_leaf_module_with_control_flow_runs_per_model(leaf):
         check_fused(models, (torch.randn(3, 2, 3),), leaf_modules=[leaf])
 
 
-def test_unknown_function_error_names_node_op_and_line():
-    class FFT(nn.Module):
+class FFT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.fft.rfft(self.fc(x)).abs()
+
+
+def test_function_without_rule_runs_under_vmap_with_warning():
+    models = make_models(FFT, 3)
+    with pytest.warns(UserWarning, match=r"node 'fft_rfft'.*has no rule.*runs under torch.vmap"):
+        fused = check_fused(models, (torch.randn(3, 2, 4),))
+    assert fused.fusion_report.fallbacks == [("fft_rfft", "fft_rfft", "torch.vmap")]
+
+
+def test_function_vmap_cannot_run_error_names_node_op_and_line():
+    class NZ(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(4, 4)
 
         def forward(self, x):
-            return torch.fft.rfft(self.fc(x)).abs()
+            return torch.nonzero(self.fc(x) > 0).float().sum()
 
     with pytest.raises(fusecc.FusionError) as e:
-        fusecc.fuse(make_models(FFT, 2))(torch.randn(2, 3, 4))
+        fusecc.fuse(make_models(NZ, 2))(torch.randn(2, 3, 4))
     msg = str(e.value)
-    assert "fft_rfft" in msg and "no rule registered" in msg
-    assert "torch.fft.rfft(self.fc(x))" in msg  # the source line
-    assert "Registered ops" in msg and "Linear" in msg
+    assert "node 'nonzero'" in msg and "torch.vmap cannot run it" in msg
+    assert "torch.nonzero(self.fc(x) > 0)" in msg  # the source line
+    assert "leaf_modules" in msg and "Registered: modules" in msg and "Linear" in msg
 
 
 def test_function_on_shared_values_needs_no_rule():
