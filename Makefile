@@ -24,7 +24,7 @@ test-fast: $(STAMP)
 	$(VPY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(VPY) bench/bench_inference.py
+	$(VPY) bench/bench_inference.py --markdown --csv bench/results/inference.csv
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

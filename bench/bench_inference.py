@@ -1,0 +1,413 @@
+"""Inference benchmark: N same-architecture models run three ways, on CPU, under torch.no_grad().
+
+Providers, each given the same stacked input x of shape [N, B, ...] (one batch per model):
+
+  loop    [m(x[i]) for i, m in enumerate(models)]: the N eager models one after the other
+  vmap    PyTorch's own ensembling: torch.func.stack_module_state + torch.vmap over torch.func.functional_call
+  fusecc  fusecc.fuse(models)(x): the N models fused into one module
+
+Models: an MLP 784-512-512-10 (input [B, 784]) and torchvision's resnet18, mobilenet_v2 and densenet121 with 10
+classes (input [B, 3, res, res]); each of the N models has its own random weights and is in eval mode.
+
+For every (model, N) row, each provider is first checked against the loop (max abs difference divided by the loop
+output's max abs, which must be below 1e-4; a failing row is marked FAIL), then warmed up (fusecc compiles at its
+first call, which is not timed). The providers are then timed interleaved within each repetition (loop, vmap,
+fusecc, loop, vmap, fusecc, ...) so that all three see the same machine noise; the table reports the median
+wall-clock time per call and the speed-ups computed from the medians of the same run. Rows whose warm-up round is
+slow get fewer repetitions (at least 3; at least 1 if --reps is lower) so one row takes about --row-budget seconds.
+The CPU time other processes use while each row is timed is measured (from /proc/stat) and shown as "bg cores";
+rows above 0.25 are flagged, as their timings are unreliable. The exit status is 1 if any provider crashed or
+failed the check on any row, else 0.
+
+Run (from the repository root):
+
+  .venv/bin/python bench/bench_inference.py             # all four models, N in 1,4,8,16: a few minutes on 2 cores
+  .venv/bin/python bench/bench_inference.py --markdown --csv bench/results/inference.csv
+  .venv/bin/python bench/bench_inference.py --models mlp,resnet18 --num-models 2,8 --batch 16 --reps 9
+  .venv/bin/python bench/bench_inference.py --quick              # smoke run, well under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torchvision
+from torch import Tensor
+
+import fusecc
+
+MAX_REL_ERR = 1e-4
+MIN_AUTO_REPS = 3
+BUSY_CORES = 0.25  # background load above which a row's timings are flagged as unreliable
+
+Provider = Callable[[Tensor], Union[Tensor, List[Tensor]]]
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+MODELS: Dict[str, Callable[[], nn.Module]] = {
+    "mlp": mlp,
+    "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=10),
+    "densenet121": lambda: torchvision.models.densenet121(num_classes=10),
+}
+
+
+def input_shape(model: str, res: int) -> Tuple[int, ...]:
+    """Shape of one sample (without the batch dim) for the named model."""
+    return (784,) if model == "mlp" else (3, res, res)
+
+
+# ---------------------------------------------------------------------------------------------------- providers
+
+
+def build_loop(models: List[nn.Module]) -> Provider:
+    """The N eager models one after the other; returns a list of N outputs."""
+
+    def loop(x: Tensor) -> List[Tensor]:
+        return [m(x[i]) for i, m in enumerate(models)]
+
+    return loop
+
+
+def build_vmap(models: List[nn.Module]) -> Provider:
+    """PyTorch's ensembling recipe: stacked parameters, a weightless 'meta' copy of the model, torch.vmap."""
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def run_one(p: Dict[str, Tensor], b: Dict[str, Tensor], xi: Tensor) -> Tensor:
+        return torch.func.functional_call(base, (p, b), (xi,))
+
+    ensemble = torch.vmap(run_one)
+    return lambda x: ensemble(params, buffers, x)
+
+
+def build_fusecc(models: List[nn.Module]) -> Provider:
+    return fusecc.fuse(models)
+
+
+# each builder takes the N models and returns a callable on the stacked input [N, B, ...]
+PROVIDERS: Dict[str, Callable[[List[nn.Module]], Provider]] = {
+    "loop": build_loop,
+    "vmap": build_vmap,
+    "fusecc": build_fusecc,
+}
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+
+
+def time_call(fn: Provider, x: Tensor) -> float:
+    """Wall-clock seconds of one call."""
+    start = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - start
+
+
+def time_interleaved(providers: Dict[str, Provider], x: Tensor, reps: int) -> Dict[str, List[float]]:
+    """`reps` rounds; each round calls every provider once, in order. Returns the seconds per call, per provider."""
+    times: Dict[str, List[float]] = {name: [] for name in providers}
+    for _ in range(reps):
+        for name, fn in providers.items():
+            times[name].append(time_call(fn, x))
+    return times
+
+
+def system_cpu_s() -> Optional[float]:
+    """CPU seconds all processes have used since boot (busy time in /proc/stat, steal included); None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class BackgroundLoad:
+    """Cores used by OTHER processes (and the hypervisor) while the block runs: a busy machine makes timings noisy.
+
+    `with BackgroundLoad() as bg: ...` then `bg.cores` (None where /proc/stat is missing). /proc/stat counts in
+    clock ticks (10 ms), too coarse for a short block, so a block shorter than `min_window_s` is followed by a sleep
+    that makes the window that long."""
+
+    def __init__(self, min_window_s: float = 0.5):
+        self.min_window_s = min_window_s
+        self.cores: Optional[float] = None
+
+    def __enter__(self) -> "BackgroundLoad":
+        self._start = (time.perf_counter(), time.process_time(), system_cpu_s())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall0, own0, sys0 = self._start
+        time.sleep(max(0.0, self.min_window_s - (time.perf_counter() - wall0)))
+        sys1 = system_cpu_s()
+        if sys0 is not None and sys1 is not None:
+            own_s = time.process_time() - own0
+            self.cores = max(0.0, (sys1 - sys0 - own_s) / (time.perf_counter() - wall0))
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None else a / b
+
+
+def reps_for(round_s: float, max_reps: int, budget_s: float) -> int:
+    """Repetitions that fit in `budget_s` given one round of all providers takes `round_s`, within the bounds."""
+    fit = int(budget_s // round_s) if round_s > 0 else max_reps
+    return min(max_reps, max(fit, MIN_AUTO_REPS))
+
+
+# ---------------------------------------------------------------------------------------------------- one row
+
+
+@dataclass
+class Result:
+    """One provider on one (model, N) row."""
+
+    model: str
+    num_models: int
+    provider: str
+    median_ms: Optional[float] = None
+    reps: int = 0
+    speedup_vs_loop: Optional[float] = None
+    max_rel_err: Optional[float] = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.max_rel_err is not None and self.max_rel_err < MAX_REL_ERR
+
+
+@dataclass
+class Row:
+    model: str
+    num_models: int
+    results: Dict[str, Result] = field(default_factory=dict)
+    background_cores: Optional[float] = None  # cores other processes used while this row was timed
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results.values())
+
+
+def stacked(y: Union[Tensor, List[Tensor]]) -> Tensor:
+    return torch.stack(y) if isinstance(y, list) else y
+
+
+def rel_err(y: Tensor, ref: Tensor) -> float:
+    return ((y - ref).abs().max() / ref.abs().max()).item()
+
+
+@torch.no_grad()
+def bench_row(model: str, n: int, batch: int, res: int, max_reps: int, budget_s: float) -> Row:
+    """Checks and times the providers on N fresh `model`s with different random weights."""
+    torch.manual_seed(0)
+    models = [MODELS[model]().eval() for _ in range(n)]
+    x = torch.randn(n, batch, *input_shape(model, res))
+    row = Row(model, n, {name: Result(model, n, name) for name in PROVIDERS})
+    ref = stacked(build_loop(models)(x))
+    working: Dict[str, Provider] = {}
+    for name, build in PROVIDERS.items():
+        result = row.results[name]
+        try:
+            start = time.perf_counter()
+            fn = build(models)
+            result.max_rel_err = rel_err(stacked(fn(x)), ref)  # also the warm-up call (fusecc compiles here)
+            setup_s = time.perf_counter() - start
+        except Exception as e:  # a crashing provider is reported in its row; the others still run
+            result.error = f"{type(e).__name__}: {e}"
+            print(f"  {model} N={n} {name}: FAILED: {result.error}", flush=True)
+            continue
+        working[name] = fn
+        flag = "" if result.ok else f"  FAIL (>= {MAX_REL_ERR:g})"
+        print(f"  {model} N={n} {name}: max rel err {result.max_rel_err:.1e}{flag}; "
+              f"setup + first call {setup_s:.2f} s", flush=True)
+    warm = time_interleaved(working, x, 1)
+    reps = reps_for(sum(ts[0] for ts in warm.values()), max_reps, budget_s)
+    with BackgroundLoad() as bg:
+        times = time_interleaved(working, x, reps)
+    row.background_cores = bg.cores
+    for name, ts in times.items():
+        row.results[name].median_ms = statistics.median(ts) * 1e3
+        row.results[name].reps = reps
+    loop_ms = row.results["loop"].median_ms
+    for result in row.results.values():
+        result.speedup_vs_loop = ratio(loop_ms, result.median_ms)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------- reporting
+
+
+def cpu_model() -> str:
+    """The CPU's model name from lscpu, else platform.processor()."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        out = ""
+    for line in out.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Model name" and value.strip():
+            return value.strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> Dict[str, str]:
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "fusecc": fusecc.__version__,
+        "timestamp": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def table_rows(rows: Sequence[Row]) -> Tuple[List[str], List[List[str]]]:
+    header = ["model", "N", "loop ms", "vmap ms", "fusecc ms", "vmap vs loop", "fusecc vs loop", "fusecc vs vmap",
+              "max rel err", "reps", "bg cores", "check"]
+    body = []
+    for row in rows:
+        r = row.results
+        errs = [x.max_rel_err for x in r.values() if x.max_rel_err is not None]
+        failed = [name for name, x in r.items() if not x.ok]
+        body.append([
+            row.model,
+            str(row.num_models),
+            *(fmt(r[p].median_ms, ".1f") for p in PROVIDERS),
+            fmt(r["vmap"].speedup_vs_loop, ".2f", "x"),
+            fmt(r["fusecc"].speedup_vs_loop, ".2f", "x"),
+            fmt(ratio(r["vmap"].median_ms, r["fusecc"].median_ms), ".2f", "x"),
+            fmt(max(errs) if errs else None, ".1e"),
+            str(r["loop"].reps),
+            fmt(row.background_cores, ".2f"),
+            "ok" if not failed else "FAIL: " + ", ".join(failed),
+        ])
+    return header, body
+
+
+def print_table(rows: Sequence[Row], markdown: bool) -> None:
+    header, body = table_rows(rows)
+    if markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join("---" if i < 2 or i == len(header) - 1 else "--:" for i in range(len(header))) + "|")
+        for line in body:
+            print("| " + " | ".join(line) + " |")
+        return
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    for line in [header, *body]:
+        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+
+
+def write_csv(path: str, rows: Sequence[Row], batch: int, res: int, info: Dict[str, str]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fields = ["model", "num_models", "batch", "res", "provider", "median_ms", "reps", "speedup_vs_loop",
+              "max_rel_err", "ok", "error", "background_cores", *info]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            for r in row.results.values():
+                writer.writerow({
+                    "model": r.model, "num_models": r.num_models, "batch": batch,
+                    "res": res if r.model != "mlp" else "", "provider": r.provider,
+                    "median_ms": fmt(r.median_ms, ".3f"), "reps": r.reps,
+                    "speedup_vs_loop": fmt(r.speedup_vs_loop, ".3f"), "max_rel_err": fmt(r.max_rel_err, ".3e"),
+                    "ok": r.ok, "error": r.error, "background_cores": fmt(row.background_cores, ".2f"), **info,
+                })
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", help=f"comma list from {','.join(MODELS)} (default: all)")
+    ap.add_argument("--num-models", help="comma list of N (default: 1,4,8,16)")
+    ap.add_argument("--batch", type=int, default=8, help="batch per model (default: 8)")
+    ap.add_argument("--res", type=int, default=32, help="image side for the CNNs (default: 32)")
+    ap.add_argument("--reps", type=int, help="timed repetitions per row, at most (default: 5)")
+    ap.add_argument("--row-budget", type=float, default=20.0,
+                    help="seconds of timing per row before repetitions are cut down (default: 20)")
+    ap.add_argument("--csv", metavar="PATH", help="write one line per (model, N, provider) with machine info")
+    ap.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: mlp,resnet18, N in 1,2, 1 rep (explicit options still win)")
+    a = ap.parse_args(argv)
+    a.models = (a.models or ("mlp,resnet18" if a.quick else ",".join(MODELS))).split(",")
+    a.num_models = [int(n) for n in (a.num_models or ("1,2" if a.quick else "1,4,8,16")).split(",")]
+    if a.reps is None:
+        a.reps = 1 if a.quick else 5
+    unknown = [m for m in a.models if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    if a.reps < 1 or a.batch < 1 or a.res < 1 or min(a.num_models) < 1:
+        ap.error("--reps, --batch, --res and --num-models must be positive")
+    return a
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = parse_args(argv)
+    info = machine_info()
+    print(f"# fusecc inference benchmark ({info['timestamp']})")
+    print(f"machine: {info['cpu']}, {info['cpu_count']} cores, {info['torch_threads']} torch threads; "
+          f"{info['platform']}")
+    print(f"versions: python {info['python']}, torch {info['torch']}, torchvision {info['torchvision']}, "
+          f"fusecc {info['fusecc']}")
+    print(f"setup: models {','.join(a.models)}; N {','.join(map(str, a.num_models))}; batch {a.batch} per model; "
+          f"images 3x{a.res}x{a.res}; up to {a.reps} reps; under torch.no_grad()\n", flush=True)
+    start = time.perf_counter()
+    rows = []
+    for model in a.models:
+        for n in a.num_models:
+            rows.append(bench_row(model, n, a.batch, a.res, a.reps, a.row_budget))
+            gc.collect()  # the row's models, inputs and providers are gone; free what cycles still hold
+    total_s = time.perf_counter() - start
+    print(f"\nmedian ms per call of all N models; speed-ups from the medians; max rel err = max |y - loop| / "
+          f"max |loop| over vmap and fusecc (must be < {MAX_REL_ERR:g}); bg cores = CPU cores used by other "
+          "processes while the row was timed\n")
+    print_table(rows, a.markdown)
+    for row in rows:
+        for r in row.results.values():
+            if not r.ok:
+                print(f"FAIL {r.model} N={r.num_models} {r.provider}: {r.error or f'max rel err {r.max_rel_err:.2e}'}")
+    busy = [f"{row.model} N={row.num_models}" for row in rows if (row.background_cores or 0.0) > BUSY_CORES]
+    if busy:
+        print(f"WARNING: other processes used more than {BUSY_CORES:g} cores while timing {', '.join(busy)}; "
+              "those timings are unreliable: rerun on a quiet machine")
+    print(f"\ntotal time {total_s:.0f} s")
+    if a.csv:
+        write_csv(a.csv, rows, a.batch, a.res, info)
+        print(f"wrote {a.csv}")
+    return 0 if all(row.ok for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
