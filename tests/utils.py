@@ -123,6 +123,56 @@ def check_fused(models: Sequence[nn.Module], xs: tuple, shared: bool = False, dt
     return fused
 
 
+def assert_models_independent(fused: nn.Module, inputs: tuple, perturb: Callable[[int], None], j: int = 1) -> None:
+    """Model i's output depends on model i's weights and input only.
+
+    Runs ``fused(*inputs)`` (under no_grad; every tensor input carries the model dim), then
+
+    1. ``perturb(j)``, which changes model j's weights in place: every floating output of model j must move (not
+       allclose), every output of every other model must stay bit-identical;
+    2. model j's slice of every floating input set to NaN: every floating output of model j must be all NaN, every
+       output of every other model must stay bit-identical.
+    """
+    with torch.no_grad():
+        y0 = _tensor_leaves(fused(*inputs))
+        assert y0 and 0 <= j < y0[0].shape[0], f"no output, or no model {j}"
+        perturb(j)
+        y1 = _tensor_leaves(fused(*inputs))
+        poisoned = []
+        for x in inputs:
+            if isinstance(x, Tensor) and x.is_floating_point():
+                x = x.clone()
+                x[j] = float("nan")
+            poisoned.append(x)
+        assert any(a is not b for a, b in zip(poisoned, inputs)), "no floating input to make NaN"
+        y2 = _tensor_leaves(fused(*poisoned))
+    assert len(y1) == len(y0) == len(y2), "the outputs' structure changed"
+    others = [i for i in range(y0[0].shape[0]) if i != j]
+    names = ["output"] if len(y0) == 1 else [f"output[{k}]" for k in range(len(y0))]
+    assert any(not torch.equal(b[j], a[j]) for a, b in zip(y0, y1)), \
+        f"model {j}'s output did not move when its weights changed"
+    for out, a, b in zip(names, y0, y1):
+        if a.is_floating_point():
+            assert not torch.allclose(b[j], a[j]), f"model {j}'s {out} did not move when its weights changed"
+        for i in others:
+            assert torch.equal(b[i], a[i]), f"model {i}'s {out} moved when model {j}'s weights changed"
+    for out, b, c in zip(names, y1, y2):
+        if c.is_floating_point():
+            assert torch.isnan(c[j]).all(), f"model {j}'s {out} is not all NaN when its input became NaN"
+        for i in others:
+            assert torch.equal(c[i], b[i]), f"model {i}'s {out} moved when model {j}'s input became NaN"
+
+
+def _tensor_leaves(x) -> List[Tensor]:
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for e in x for t in _tensor_leaves(e)]
+    if isinstance(x, dict):
+        return [t for e in x.values() for t in _tensor_leaves(e)]
+    return []
+
+
 def _float_leaves(x) -> List[Tensor]:
     if isinstance(x, Tensor):
         return [x] if x.is_floating_point() and x.requires_grad else []

@@ -10,6 +10,8 @@ Pre-layers (input ``x`` per model ``[2, 3, 5, 7]``):
   non-leading tensor dim.
 
 All per-model dims are distinct, so mapping a dim to the wrong tensor dim changes the shape or the values.
+
+``Fn`` (a module applying one function or module) and ``even_dim`` are shared with the other rule tests too.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ MODES = [pytest.param(False, id="per-model"), pytest.param(True, id="shared")]
 
 
 class Fn(nn.Module):
-    """Applies a module-level function (the same object in every model, so the models' configs match)."""
+    """Applies one function or module: a module-level function (the same object in every model, so the models'
+    configs match), or a module built per model (registered as the submodule ``fn``)."""
 
     def __init__(self, fn):
         super().__init__()
@@ -72,6 +75,11 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.op(self.pre(x))
+
+
+def even_dim(shape):
+    """The first non-batch dim of even size (e.g. for GLU)."""
+    return next(d for d in range(1, len(shape)) if shape[d] % 2 == 0)
 
 
 def const_like(shape, lo=-1.0, hi=1.0):

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.rules._layouts import MODES, PRE_N, PRE_N8, PRE_N_2, Mod, const_like, make_input, run
-from tests.utils import check_fused, make_models
+from tests.rules._layouts import MODES, PRE_N, PRE_N8, PRE_N_2, Mod, const_like, even_dim, make_input, run
+from tests.utils import assert_models_independent, check_fused, make_models
 
 # ------------------------------------------------------------------------------------------------ op table
 
@@ -198,10 +198,6 @@ def test_pointwise_op_n8(op, pre, n, shared):
 # ------------------------------------------------------------------------------------------------ activations
 
 
-def _even_dim(shape):
-    return next(d for d in range(1, len(shape)) if shape[d] % 2 == 0)
-
-
 def _glu_last(h):
     return F.glu(torch.cat([h, h.flip(-1)], -1))
 
@@ -222,7 +218,7 @@ ACTIVATIONS = {
     "ELU": (lambda s: nn.ELU(alpha=0.5), lambda h: F.elu(h, alpha=0.5)),
     "CELU": (lambda s: nn.CELU(alpha=1.5), lambda h: F.celu(h, alpha=1.5)),
     "SELU": (lambda s: nn.SELU(), F.selu),
-    "GLU": (lambda s: nn.GLU(dim=_even_dim(s)), _glu_last),
+    "GLU": (lambda s: nn.GLU(dim=even_dim(s)), _glu_last),
     "GELU": (lambda s: nn.GELU(), F.gelu),
     "GELU_tanh": (lambda s: nn.GELU(approximate="tanh"), lambda h: F.gelu(h, approximate="tanh")),
     "Hardshrink": (lambda s: nn.Hardshrink(0.3), lambda h: F.hardshrink(h, 0.3)),
@@ -384,22 +380,10 @@ def test_models_are_independent(n):
     models = make_models(PointwiseMix, n)
     x = make_input(n, False)
     fused = check_fused(models, (x,))
-    with torch.no_grad():
-        y0 = fused(x)
-    j = 1
-    others = [i for i in range(n) if i != j]
-    with torch.no_grad():
+
+    def perturb(j):
         fused.scale[j].mul_(-2.0)
         fused.act.weight[j].fill_(0.9)
         fused.lin.weight[j].normal_()
-        y1 = fused(x)
-    assert not torch.equal(y1[j], y0[j])
-    for i in others:
-        assert torch.equal(y1[i], y0[i]), f"model {i}'s output moved when model {j}'s weights changed"
-    xn = x.clone()
-    xn[j] = float("nan")
-    with torch.no_grad():
-        y2 = fused(xn)
-    assert torch.isnan(y2[j]).all()
-    for i in others:
-        assert torch.equal(y2[i], y1[i]), f"model {i}'s output moved when model {j}'s input became NaN"
+
+    assert_models_independent(fused, (x,), perturb, j=1)

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tests.rules._layouts import Fn
 from tests.utils import check_fused, make_models
 
 
@@ -16,15 +17,6 @@ class ConvThen(nn.Module):
 
     def forward(self, x):
         return self.op(self.conv(x))
-
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 SP = {1: (9,), 2: (7, 6), 3: (5, 4, 6)}

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from tests.rules._layouts import MODES, PRE_N, PRE_N8, Mod, const_like, make_input, run
-from tests.utils import check_fused, make_models
+from tests.utils import assert_models_independent, check_fused, make_models
 
 # ------------------------------------------------------------------------------------------------ op table
 
@@ -299,23 +299,9 @@ def test_models_are_independent(n):
     models = make_models(ShapeMix, n)
     x = make_input(n, False)
     fused = check_fused(models, (x,))
-    with torch.no_grad():
-        y0 = fused(x)
-    j = n // 2
-    others = [i for i in range(n) if i != j]
-    # new weights for model j only
-    with torch.no_grad():
+
+    def perturb(j):  # new weights for model j only
         fused.conv.weight[j].normal_()
         fused.lin.bias[j].add_(10.0)
-        y1 = fused(x)
-    assert not torch.equal(y1[j], y0[j])
-    for i in others:
-        assert torch.equal(y1[i], y0[i]), f"model {i}'s output moved when model {j}'s weights changed"
-    # NaN input for model j only
-    xn = x.clone()
-    xn[j] = float("nan")
-    with torch.no_grad():
-        y2 = fused(xn)
-    assert torch.isnan(y2[j]).all()
-    for i in others:
-        assert torch.equal(y2[i], y1[i]), f"model {i}'s output moved when model {j}'s input became NaN"
+
+    assert_models_independent(fused, (x,), perturb, j=n // 2)
