@@ -1,7 +1,9 @@
 """fusecc: fuse N same-architecture PyTorch models into one module that runs all N at once."""
 
+from . import optim, utils
 from .api import FusedModule, fuse
 from .errors import FusionError
+from .utils import per_model_loss
 
 __version__ = "0.1.0"
-__all__ = ["FusedModule", "FusionError", "fuse", "__version__"]
+__all__ = ["FusedModule", "FusionError", "fuse", "optim", "per_model_loss", "utils", "__version__"]

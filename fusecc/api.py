@@ -70,6 +70,7 @@ class FusedModule(nn.Module):
         self._fusecc_source = type(ref).__qualname__
         self._fusecc_leaf_modules = tuple(leaf_modules)
         sig = inspect.signature(proto.forward)
+        self.__dict__["_fusecc_sig"] = sig  # computed once: binding call arguments is on every forward's path
         for p in sig.parameters.values():
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 raise FusionError(
@@ -153,7 +154,7 @@ class FusedModule(nn.Module):
 
     # ------------------------------------------------------------------ calling
     def _bind(self, args: tuple, kwargs: dict) -> List[Tuple[str, Any]]:
-        sig = inspect.signature(self._fusecc_proto.forward)
+        sig = self._fusecc_sig
         try:
             bound = sig.bind(*args, **kwargs)
         except TypeError as e:
@@ -368,6 +369,35 @@ class FusedModule(nn.Module):
             m.training = self.training
             out.append(m)
         return out
+
+    def select(self, indices: Sequence[int]) -> "FusedModule":
+        """A smaller FusedModule holding models ``indices`` (in that order), e.g. the survivors of a search round.
+
+        Parameters, buffers and train/eval modes are copied; narrow an optimizer with ``opt.select(indices, new)``.
+        """
+        idx = list(indices)
+        if not idx:
+            raise ValueError("fusecc: select(indices): indices is empty; keep at least one model")
+        for i in idx:
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise TypeError(f"fusecc: select(indices): indices must be ints, got {type(i).__name__}")
+            if not 0 <= i < self.num_models:
+                raise IndexError(f"fusecc: select(indices): index {i} out of range for {self.num_models} models")
+        if len(set(idx)) != len(idx):
+            dup = next(i for i in idx if idx.count(i) > 1)
+            raise ValueError(f"fusecc: select(indices): index {dup} appears twice; each model can be selected once")
+        stacked = set(self._fusecc_alias.values()) | {b for b, st in self._fusecc_constants.values() if st}
+        memo: Dict[int, Any] = {}
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                sel = torch.tensor(idx, device=p.device)
+                memo[id(p)] = nn.Parameter(p.index_select(0, sel).clone(), requires_grad=p.requires_grad)
+            for name, b in self.named_buffers():
+                if name in stacked:
+                    memo[id(b)] = b.index_select(0, torch.tensor(idx, device=b.device)).clone()
+        new = copy.deepcopy(self, memo)
+        new.num_models = len(idx)
+        return new
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

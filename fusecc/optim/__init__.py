@@ -1,0 +1,289 @@
+"""Optimizers for fused modules, with per-model hyper-parameters.
+
+Every numeric hyper-parameter is a scalar (the same for every model) or a length-N sequence/tensor (one value per
+model). A step over the stacked parameters ``[N, *shape]`` applies model i's settings to slice i, with the same
+arithmetic as ``torch.optim``'s single-tensor implementations, so K fused steps equal K steps of N separate
+``torch.optim`` optimizers. All updates are element-wise, so a NaN in one model's gradient never reaches
+another model's parameters or state.
+
+Examples::
+
+    fused = fusecc.fuse(models).train()
+    opt = fusecc.optim.AdamW(fused, lr=[1e-4, 3e-4, 1e-3, 3e-3], weight_decay=0.01)
+    sched = fusecc.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=[100] * 4)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import lr_scheduler  # noqa: F401  (fusecc.optim.lr_scheduler)
+
+PerModel = Union[float, Sequence[float], Tensor]
+
+__all__ = ["FusedOptimizer", "SGD", "Adam", "AdamW", "RMSprop", "lr_scheduler"]
+
+
+def _num_models_of(params: Any, num_models: Optional[int]) -> int:
+    n = getattr(params, "num_models", None)
+    if n is not None:
+        if num_models is not None and num_models != n:
+            raise ValueError(f"fusecc.optim: num_models={num_models} but the fused module holds {n} models")
+        return n
+    if num_models is None:
+        raise ValueError("fusecc.optim: pass a FusedModule, or num_models= together with its stacked parameters")
+    return num_models
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base class: per-model hyper-parameters stored per param group as lists of N floats."""
+
+    _per_model: Sequence[str] = ()  # numeric hyper-parameters that may differ per model
+    _nonneg: Sequence[str] = ("lr", "weight_decay", "eps")
+
+    def __init__(self, params: Any, defaults: Dict[str, Any], num_models: Optional[int] = None):
+        self.num_models = _num_models_of(params, num_models)
+        self._param_names: Dict[int, str] = {}
+        if hasattr(params, "named_parameters") and hasattr(params, "num_models"):
+            named = [(k, p) for k, p in params.named_parameters() if p.requires_grad]
+            self._param_names = {id(p): k for k, p in named}
+            params = [p for _, p in named]
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if "betas" in param_group:  # a group's own (beta1, beta2), each scalar or per model
+            param_group = dict(param_group)
+            param_group["beta1"], param_group["beta2"] = param_group.pop("betas")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        n = self.num_models
+        for p in group["params"]:
+            if p.dim() == 0 or p.shape[0] != n:
+                raise ValueError(
+                    f"fusecc.optim: every parameter must be stacked [N={n}, ...]; got one of shape {list(p.shape)}"
+                )
+        for k in self._per_model:
+            group[k] = self._expand(k, group[k])
+
+    def _expand(self, name: str, value: Any) -> List[float]:
+        n = self.num_models
+        if isinstance(value, Tensor):
+            value = value.detach().flatten().tolist() if value.dim() > 0 else float(value)
+        if isinstance(value, (int, float)):
+            vals = [float(value)] * n
+        else:
+            vals = [float(v) for v in value]
+            if len(vals) != n:
+                raise ValueError(
+                    f"fusecc.optim: '{name}' has {len(vals)} values, expected 1 or num_models={n} (one per model)"
+                )
+        if name in self._nonneg:
+            bad = [i for i, v in enumerate(vals) if v < 0 or math.isnan(v)]
+            if bad:
+                raise ValueError(f"fusecc.optim: '{name}' must be >= 0; model {bad[0]} has {vals[bad[0]]}")
+        return vals
+
+    @staticmethod
+    def _hp(vals: Sequence[float], p: Tensor) -> Tensor:
+        """Per-model values as ``[N, 1, ..., 1]`` to broadcast against the stacked parameter p."""
+        return torch.tensor(vals, dtype=p.dtype if p.is_floating_point() else torch.float32, device=p.device).view(
+            [len(vals)] + [1] * (p.dim() - 1)
+        )
+
+    def select(self, indices: Sequence[int], fused: Any) -> "FusedOptimizer":
+        """The same optimizer narrowed to models ``indices`` of ``fused`` (made by ``FusedModule.select``), keeping
+        their hyper-parameters and optimizer state."""
+        idx = list(indices)
+        names = self._param_names
+        if not names:
+            raise ValueError("fusecc.optim: select() needs an optimizer built from a FusedModule")
+        new_params = dict(fused.named_parameters())
+        groups = []
+        for g in self.param_groups:
+            ng = {k: ([v[i] for i in idx] if k in self._per_model else v) for k, v in g.items() if k != "params"}
+            ng["params"] = [new_params[names[id(p)]] for p in g["params"]]
+            groups.append(ng)
+        new = type(self)(groups, num_models=len(idx))
+        new._param_names = {id(new_params[names[id(p)]]): names[id(p)] for g in self.param_groups for p in g["params"]}
+        sel = torch.tensor(idx)
+        for g in self.param_groups:
+            for p in g["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                q = new_params[names[id(p)]]
+                new.state[q] = {k: (v.index_select(0, sel.to(v.device)).clone() if isinstance(v, Tensor) and v.dim() > 0
+                                    and v.shape[0] == self.num_models else v) for k, v in st.items()}
+        return new
+
+
+class SGD(FusedOptimizer):
+    """SGD with momentum, dampening, nesterov and weight decay, each per model (as ``torch.optim.SGD``)."""
+
+    _per_model = ("lr", "momentum", "dampening", "weight_decay")
+    _nonneg = ("lr", "momentum", "weight_decay")
+
+    def __init__(self, params: Any, lr: PerModel = 1e-3, momentum: PerModel = 0.0, dampening: PerModel = 0.0,
+                 weight_decay: PerModel = 0.0, nesterov: bool = False, maximize: bool = False,
+                 num_models: Optional[int] = None):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        maximize=maximize)
+        super().__init__(params, defaults, num_models)
+        for g in self.param_groups:
+            if g["nesterov"] and any(m <= 0 or d != 0 for m, d in zip(g["momentum"], g["dampening"])):
+                raise ValueError("fusecc.optim.SGD: nesterov needs momentum > 0 and dampening = 0 for every model")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = -p.grad if g["maximize"] else p.grad
+                if any(g["weight_decay"]):
+                    d = d.add(p * self._hp(g["weight_decay"], p))
+                if any(g["momentum"]):
+                    mom = self._hp(g["momentum"], p)
+                    st = self.state[p]
+                    buf = st.get("momentum_buffer")
+                    if buf is None:
+                        buf = st["momentum_buffer"] = d.clone()
+                    else:
+                        buf.mul_(mom).add_(d * (1 - self._hp(g["dampening"], p)))
+                    use = (mom != 0)  # models without momentum take the plain gradient
+                    upd = d + mom * buf if g["nesterov"] else buf
+                    d = torch.where(use, upd, d)
+                p.sub_(d * self._hp(g["lr"], p))
+        return loss
+
+
+class Adam(FusedOptimizer):
+    """Adam (L2 weight decay added to the gradient) with per-model lr, betas, eps and weight decay."""
+
+    _per_model = ("lr", "beta1", "beta2", "eps", "weight_decay")
+    _decoupled = False
+
+    def __init__(self, params: Any, lr: PerModel = 1e-3, betas: Any = (0.9, 0.999), eps: PerModel = 1e-8,
+                 weight_decay: PerModel = 0.0, amsgrad: bool = False, maximize: bool = False,
+                 num_models: Optional[int] = None):
+        b1, b2 = betas
+        defaults = dict(lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize)
+        super().__init__(params, defaults, num_models)
+        for g in self.param_groups:
+            for k in ("beta1", "beta2"):
+                bad = [i for i, v in enumerate(g[k]) if not 0.0 <= v < 1.0]
+                if bad:
+                    raise ValueError(f"fusecc.optim: '{k}' must be in [0, 1); model {bad[0]} has {g[k][bad[0]]}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                grad = -p.grad if g["maximize"] else p.grad
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                    if g["amsgrad"]:
+                        st["max_exp_avg_sq"] = torch.zeros_like(p)
+                st["step"] += 1
+                step = float(st["step"])
+                lr, wd = self._hp(g["lr"], p), self._hp(g["weight_decay"], p)
+                b1, b2 = self._hp(g["beta1"], p), self._hp(g["beta2"], p)
+                if any(g["weight_decay"]):
+                    if self._decoupled:
+                        p.mul_(1 - lr * wd)
+                    else:
+                        grad = grad.add(p * wd)
+                st["exp_avg"].lerp_(grad, 1 - b1)
+                st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad * (1 - b2))
+                bc1 = 1 - b1**step
+                bc2_sqrt = (1 - b2**step).sqrt()
+                sq = st["exp_avg_sq"]
+                if g["amsgrad"]:
+                    torch.maximum(st["max_exp_avg_sq"], sq, out=st["max_exp_avg_sq"])
+                    sq = st["max_exp_avg_sq"]
+                denom = (sq.sqrt() / bc2_sqrt).add_(self._hp(g["eps"], p))
+                p.addcdiv_(st["exp_avg"] * (-lr / bc1), denom)
+        return loss
+
+
+class AdamW(Adam):
+    """AdamW (decoupled weight decay, default 1e-2) with per-model hyper-parameters."""
+
+    _decoupled = True
+
+    def __init__(self, params: Any, lr: PerModel = 1e-3, betas: Any = (0.9, 0.999), eps: PerModel = 1e-8,
+                 weight_decay: PerModel = 1e-2, amsgrad: bool = False, maximize: bool = False,
+                 num_models: Optional[int] = None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, num_models)
+
+
+class RMSprop(FusedOptimizer):
+    """RMSprop with per-model lr, alpha, eps, weight decay and momentum (as ``torch.optim.RMSprop``)."""
+
+    _per_model = ("lr", "alpha", "eps", "weight_decay", "momentum")
+    _nonneg = ("lr", "alpha", "eps", "weight_decay", "momentum")
+
+    def __init__(self, params: Any, lr: PerModel = 1e-2, alpha: PerModel = 0.99, eps: PerModel = 1e-8,
+                 weight_decay: PerModel = 0.0, momentum: PerModel = 0.0, centered: bool = False,
+                 maximize: bool = False, num_models: Optional[int] = None):
+        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
+                        maximize=maximize)
+        super().__init__(params, defaults, num_models)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                grad = -p.grad if g["maximize"] else p.grad
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["square_avg"] = torch.zeros_like(p)
+                    if any(g["momentum"]):
+                        st["momentum_buffer"] = torch.zeros_like(p)
+                    if g["centered"]:
+                        st["grad_avg"] = torch.zeros_like(p)
+                st["step"] += 1
+                if any(g["weight_decay"]):
+                    grad = grad.add(p * self._hp(g["weight_decay"], p))
+                alpha = self._hp(g["alpha"], p)
+                st["square_avg"].mul_(alpha).addcmul_(grad, grad * (1 - alpha))
+                if g["centered"]:
+                    st["grad_avg"].lerp_(grad, 1 - alpha)
+                    avg = st["square_avg"].addcmul(st["grad_avg"], st["grad_avg"], value=-1).sqrt_()
+                else:
+                    avg = st["square_avg"].sqrt()
+                avg = avg.add_(self._hp(g["eps"], p))
+                lr = self._hp(g["lr"], p)
+                if "momentum_buffer" in st:
+                    buf = st["momentum_buffer"]
+                    buf.mul_(self._hp(g["momentum"], p)).addcdiv_(grad, avg)
+                    p.sub_(buf * lr)
+                else:
+                    p.addcdiv_(grad * (-lr), avg)
+        return loss
+

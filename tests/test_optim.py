@@ -1,0 +1,363 @@
+"""Training N models as one: fused optimizers, schedules and clipping == N torch optimizers run separately."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusecc
+from tests.utils import assert_close, make_models
+
+N = 4
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        # no conv bias before BN: its gradient is rounding noise, which Adam would scale up to full steps
+        self.conv = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def data(steps, n=N, b=6):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(n, b, 2, 5, 5, generator=g), torch.randint(0, 3, (n, b), generator=g)) for _ in range(steps)]
+
+
+def per_model(kwargs, i):
+    """Model i's settings: list values are per model (milestones only when it is a list of lists)."""
+    def pick(k, v):
+        if k == "milestones":
+            return v[i] if isinstance(v[0], list) else v
+        return v[i] if isinstance(v, list) else v
+
+    return {k: pick(k, v) for k, v in kwargs.items()}
+
+
+def train_both(opt_name, kwargs, steps=3, torch_kwargs=None):
+    """K fused steps vs K steps of N torch optimizers with each model's settings; returns (fused, models)."""
+    models = make_models(Net, N)
+    fused = fusecc.fuse(models).train()
+    opt = getattr(fusecc.optim, opt_name)(fused, **kwargs)
+    tk = torch_kwargs or kwargs
+    ref = [getattr(torch.optim, opt_name)(m.parameters(), **per_model(tk, i)) for i, m in enumerate(models)]
+    for x, y in data(steps):
+        loss = fusecc.per_model_loss(F.cross_entropy, fused(x), y)
+        loss.sum().backward()
+        opt.step()
+        opt.zero_grad()
+        for i, (m, o) in enumerate(zip(models, ref)):
+            F.cross_entropy(m(x[i]), y[i]).backward()
+            o.step()
+            o.zero_grad()
+    return fused, models, opt
+
+
+def assert_same_weights(fused, models, rtol=1e-4, atol=1e-5):
+    for name, p in fused.named_parameters():
+        assert_close(name, p.detach(), torch.stack([m.get_parameter(name).detach() for m in models]), rtol=rtol,
+                     atol=atol)
+    for name, b in fused.named_buffers():
+        if "running" in name:
+            assert_close(name, b, torch.stack([m.get_buffer(name) for m in models]), rtol=rtol, atol=atol)
+
+
+OPTIMIZERS = [
+    ("SGD", dict(lr=[0.1, 0.05, 0.02, 0.2])),
+    ("SGD", dict(lr=[0.1, 0.05, 0.02, 0.2], momentum=[0.0, 0.9, 0.5, 0.8], dampening=[0.0, 0.1, 0.0, 0.3],
+                 weight_decay=[0.0, 1e-2, 1e-3, 0.1])),
+    ("SGD", dict(lr=[0.1, 0.05, 0.02, 0.2], momentum=[0.9, 0.5, 0.7, 0.1], nesterov=True, weight_decay=1e-3)),
+    ("Adam", dict(lr=[1e-3, 3e-3, 1e-2, 3e-4], eps=[1e-8, 1e-6, 1e-7, 1e-5], weight_decay=[0.0, 0.01, 0.1, 0.0])),
+    ("Adam", dict(lr=[1e-3, 3e-3, 1e-2, 3e-4], amsgrad=True)),
+    ("AdamW", dict(lr=[1e-3, 3e-3, 1e-2, 3e-4], weight_decay=[0.0, 0.01, 0.1, 0.5])),
+    ("RMSprop", dict(lr=[1e-3, 3e-3, 1e-2, 3e-4], alpha=[0.99, 0.9, 0.8, 0.95], momentum=[0.0, 0.9, 0.5, 0.0],
+                     weight_decay=[0.0, 0.01, 0.0, 0.1])),
+    ("RMSprop", dict(lr=[1e-3, 3e-3, 1e-2, 3e-4], centered=True, eps=[1e-8, 1e-6, 1e-7, 1e-5])),
+]
+
+
+@pytest.mark.parametrize("opt_name,kwargs", OPTIMIZERS, ids=[f"{o}-{i}" for i, (o, _) in enumerate(OPTIMIZERS)])
+def test_fused_optimizer_equals_torch_per_model(opt_name, kwargs):
+    fused, models, _ = train_both(opt_name, kwargs)
+    assert_same_weights(fused, models)
+
+
+def test_adam_per_model_betas():
+    b1, b2 = [0.9, 0.8, 0.5, 0.95], [0.999, 0.99, 0.9, 0.98]
+    models = make_models(Net, N)
+    fused = fusecc.fuse(models).train()
+    opt = fusecc.optim.Adam(fused, lr=1e-2, betas=(b1, b2))
+    ref = [torch.optim.Adam(m.parameters(), lr=1e-2, betas=(b1[i], b2[i])) for i, m in enumerate(models)]
+    for x, y in data(3):
+        fusecc.per_model_loss(F.cross_entropy, fused(x), y).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        for i, (m, o) in enumerate(zip(models, ref)):
+            F.cross_entropy(m(x[i]), y[i]).backward()
+            o.step()
+            o.zero_grad()
+    assert_same_weights(fused, models)
+
+
+def test_param_groups_no_decay_biases():
+    models = make_models(Net, N)
+    fused = fusecc.fuse(models).train()
+    decay = [p for n, p in fused.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in fused.named_parameters() if not n.endswith("weight")]
+    wd = [0.0, 0.1, 0.2, 0.3]
+    opt = fusecc.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=1e-2, num_models=N)
+    ref = []
+    for i, m in enumerate(models):
+        d = [p for n, p in m.named_parameters() if n.endswith("weight")]
+        nd = [p for n, p in m.named_parameters() if not n.endswith("weight")]
+        ref.append(torch.optim.AdamW([{"params": d, "weight_decay": wd[i]}, {"params": nd, "weight_decay": 0.0}],
+                                     lr=1e-2))
+    for x, y in data(3):
+        fusecc.per_model_loss(F.cross_entropy, fused(x), y).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        for i, (m, o) in enumerate(zip(models, ref)):
+            F.cross_entropy(m(x[i]), y[i]).backward()
+            o.step()
+            o.zero_grad()
+    assert_same_weights(fused, models)
+
+
+def test_optimizer_state_dict_round_trip():
+    models = make_models(Net, N)
+    fused = fusecc.fuse(models).train()
+    opt = fusecc.optim.Adam(fused, lr=[1e-3, 2e-3, 3e-3, 4e-3])
+    batches = data(4)
+    for x, y in batches[:2]:
+        fusecc.per_model_loss(F.cross_entropy, fused(x), y).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    buf = io.BytesIO()
+    torch.save({"model": fused.state_dict(), "opt": opt.state_dict()}, buf)
+    twin = copy.deepcopy(fused)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    twin.load_state_dict(ck["model"])
+    opt2 = fusecc.optim.Adam(twin, lr=0.5)
+    opt2.load_state_dict(ck["opt"])
+    assert opt2.param_groups[0]["lr"] == [1e-3, 2e-3, 3e-3, 4e-3]
+    for x, y in batches[2:]:
+        for f, o in ((fused, opt), (twin, opt2)):
+            fusecc.per_model_loss(F.cross_entropy, f(x), y).sum().backward()
+            o.step()
+            o.zero_grad()
+    for (n, p), q in zip(fused.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), n
+
+
+SCHEDULERS = [
+    ("StepLR", dict(step_size=[2, 3, 1, 4], gamma=[0.5, 0.1, 0.9, 0.3])),
+    ("MultiStepLR", dict(milestones=[[2, 4], [1], [3, 5], [6]], gamma=0.5)),
+    ("MultiStepLR", dict(milestones=[2, 5], gamma=[0.5, 0.1, 0.2, 0.9])),
+    ("ExponentialLR", dict(gamma=[0.9, 0.8, 0.99, 0.5])),
+    ("CosineAnnealingLR", dict(T_max=[5, 10, 3, 7], eta_min=[0.0, 1e-4, 1e-3, 0.0])),
+    ("LinearLR", dict(start_factor=[0.1, 0.5, 0.25, 1.0], total_iters=[3, 5, 2, 4])),
+    ("OneCycleLR", dict(max_lr=[0.1, 0.2, 0.05, 0.3], total_steps=[10, 12, 11, 20])),
+]
+
+
+@pytest.mark.parametrize("opt_name", ["SGD", "Adam"])
+@pytest.mark.parametrize("sched_name,kwargs", SCHEDULERS, ids=[f"{s}-{i}" for i, (s, _) in enumerate(SCHEDULERS)])
+def test_schedulers_equal_torch_per_model(opt_name, sched_name, kwargs):
+    lrs = [0.1, 0.01, 0.05, 0.2]
+    okw = dict(lr=lrs, momentum=0.9) if opt_name == "SGD" else dict(lr=lrs)
+    fused = fusecc.fuse(make_models(Net, N))
+    opt = getattr(fusecc.optim, opt_name)(fused, **okw)
+    sched = getattr(fusecc.optim.lr_scheduler, sched_name)(opt, **kwargs)
+    refs = []
+    for i in range(N):
+        o = getattr(torch.optim, opt_name)([nn.Parameter(torch.zeros(1))], **per_model(okw, i))
+        refs.append((o, getattr(torch.optim.lr_scheduler, sched_name)(o, **per_model(kwargs, i))))
+    for step in range(9):
+        assert opt.param_groups[0]["lr"] == pytest.approx([o.param_groups[0]["lr"] for o, _ in refs]), step
+        if sched_name == "OneCycleLR":
+            key, pick = ("momentum", lambda g: g["momentum"]) if opt_name == "SGD" else ("beta1", lambda g: g["betas"][0])
+            assert opt.param_groups[0][key] == pytest.approx([pick(o.param_groups[0]) for o, _ in refs])
+        opt.step()
+        sched.step()
+        for o, s in refs:
+            o.step()
+            s.step()
+
+
+def test_lambda_lr_takes_model_index_and_step():
+    fused = fusecc.fuse(make_models(Net, N))
+    opt = fusecc.optim.SGD(fused, lr=1.0)
+    sched = fusecc.optim.lr_scheduler.LambdaLR(opt, lambda i, step: 0.5 ** (step * (i + 1)))
+    for step in range(4):
+        assert opt.param_groups[0]["lr"] == pytest.approx([0.5 ** (step * (i + 1)) for i in range(N)])
+        opt.step()
+        sched.step()
+
+
+def test_scheduled_training_equals_torch():
+    """Optimizer + per-model cosine schedule over 4 steps: weights equal N torch runs."""
+    models = make_models(Net, N)
+    fused = fusecc.fuse(models).train()
+    lrs, tmax = [0.1, 0.05, 0.2, 0.01], [2, 3, 4, 5]
+    opt = fusecc.optim.SGD(fused, lr=lrs, momentum=0.9)
+    sched = fusecc.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tmax)
+    ref = []
+    for i, m in enumerate(models):
+        o = torch.optim.SGD(m.parameters(), lr=lrs[i], momentum=0.9)
+        ref.append((o, torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=tmax[i])))
+    for x, y in data(4):
+        fusecc.per_model_loss(F.cross_entropy, fused(x), y).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        for i, (m, (o, s)) in enumerate(zip(models, ref)):
+            F.cross_entropy(m(x[i]), y[i]).backward()
+            o.step()
+            o.zero_grad()
+            s.step()
+    assert_same_weights(fused, models)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_clip_grad_norm_per_model(norm_type):
+    models = make_models(Net, N)
+    fused = fusecc.fuse(models).train()
+    x, y = data(1)[0]
+    fusecc.per_model_loss(F.cross_entropy, fused(x), y).sum().backward()
+    max_norm = [0.1, 1.0, 0.01, 100.0]
+    norms = fusecc.utils.clip_grad_norm_(fused, max_norm, norm_type)
+    for i, m in enumerate(models):
+        F.cross_entropy(m(x[i]), y[i]).backward()
+        ref = torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm[i], norm_type)
+        assert_close(f"norm[{i}]", norms[i], ref, rtol=1e-5, atol=1e-6)
+    for name, p in fused.named_parameters():
+        assert_close(f"{name}.grad", p.grad, torch.stack([m.get_parameter(name).grad for m in models]), rtol=1e-4,
+                     atol=1e-6)
+
+
+def test_clip_grad_value_per_model():
+    models = make_models(Net, N)
+    fused = fusecc.fuse(models).train()
+    x, y = data(1)[0]
+    fusecc.per_model_loss(F.cross_entropy, fused(x), y).sum().backward()
+    cv = [1e-3, 1e-2, 1.0, 1e-4]
+    fusecc.utils.clip_grad_value_(fused, cv)
+    for i, m in enumerate(models):
+        F.cross_entropy(m(x[i]), y[i]).backward()
+        torch.nn.utils.clip_grad_value_(m.parameters(), cv[i])
+    for name, p in fused.named_parameters():
+        assert_close(f"{name}.grad", p.grad, torch.stack([m.get_parameter(name).grad for m in models]), rtol=1e-4,
+                     atol=1e-6)
+
+
+def test_per_model_loss_values_and_shared_targets():
+    out = torch.randn(3, 5, 4)
+    y = torch.randint(0, 4, (3, 5))
+    loss = fusecc.per_model_loss(F.cross_entropy, out, y, label_smoothing=0.1)
+    assert loss.shape == (3,)
+    for i in range(3):
+        assert_close(f"loss[{i}]", loss[i], F.cross_entropy(out[i], y[i], label_smoothing=0.1))
+    shared = fusecc.per_model_loss(nn.MSELoss(), out, out[0], shared_targets=True)
+    assert shared[0] == 0 and shared[1] > 0
+    with pytest.raises(ValueError, match=r"targets have shape \[5\], expected a leading model dim of size 3"):
+        fusecc.per_model_loss(F.cross_entropy, out, y[0])
+
+
+def test_select_narrows_module_and_optimizer():
+    models = make_models(Net, N)
+    fused = fusecc.fuse(models).train()
+    lrs = [1e-3, 2e-3, 3e-3, 4e-3]
+    opt = fusecc.optim.Adam(fused, lr=lrs, weight_decay=[0.0, 0.1, 0.2, 0.3])
+    ref = [torch.optim.Adam(m.parameters(), lr=lrs[i], weight_decay=[0.0, 0.1, 0.2, 0.3][i])
+           for i, m in enumerate(models)]
+    batches = data(4)
+    keep = [3, 1]
+    for step, (x, y) in enumerate(batches):
+        if step == 2:
+            fused = fused.select(keep)
+            opt = opt.select(keep, fused)
+            models, ref = [models[i] for i in keep], [ref[i] for i in keep]
+            assert fused.num_models == 2 and opt.param_groups[0]["lr"] == [4e-3, 2e-3]
+        if step >= 2:
+            x, y = x[keep], y[keep]
+        fusecc.per_model_loss(F.cross_entropy, fused(x), y).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        for i, (m, o) in enumerate(zip(models, ref)):
+            F.cross_entropy(m(x[i]), y[i]).backward()
+            o.step()
+            o.zero_grad()
+    assert_same_weights(fused, models)
+    back = fused.unfuse()
+    assert len(back) == 2 and torch.equal(back[0].fc.weight, fused.fc.weight[0])
+
+
+@pytest.mark.parametrize("opt_name", ["SGD", "Adam", "RMSprop"])
+def test_nan_loss_in_one_model_leaves_others_untouched(opt_name):
+    """A step where model 2's loss is NaN gives models 0, 1, 3 exactly the parameters and optimizer state of the
+    same step without the NaN."""
+    fused = fusecc.fuse(make_models(Net, N)).train()
+    opt = getattr(fusecc.optim, opt_name)(fused, lr=1e-2, momentum=0.9) if opt_name != "Adam" else \
+        fusecc.optim.Adam(fused, lr=1e-2)
+    x, y = data(1)[0]
+    fusecc.per_model_loss(F.cross_entropy, fused(x), y).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    twin = copy.deepcopy(fused)
+    opt2 = type(opt)(twin, lr=1e-2)
+    buf = io.BytesIO()  # through bytes: load_state_dict would alias the very same state tensors
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    x2 = x.clone()
+    x2[2] = float("nan")
+    for f, o, xx in ((fused, opt, x), (twin, opt2, x2)):
+        fusecc.per_model_loss(F.cross_entropy, f(xx), y).sum().backward()
+        o.step()
+    others = [0, 1, 3]
+    for (k, a), b in zip(fused.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a[others], b[others]), k
+    assert torch.isnan(twin.fc.weight[2]).all()
+    for sa, sb in zip(opt.state.values(), opt2.state.values()):
+        for k, t in sa.items():
+            if t.dim() > 0:
+                assert torch.equal(t[others], sb[k][others]), k
+                assert torch.isnan(sb[k][2]).any(), k
+
+
+def test_bad_hyper_parameters():
+    fused = fusecc.fuse(make_models(Net, N))
+    with pytest.raises(ValueError, match="'lr' has 3 values, expected 1 or num_models=4"):
+        fusecc.optim.SGD(fused, lr=[0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="'lr' must be >= 0; model 1 has -0.1"):
+        fusecc.optim.Adam(fused, lr=[0.1, -0.1, 0.1, 0.1])
+    with pytest.raises(ValueError, match="'beta2' must be in"):
+        fusecc.optim.Adam(fused, betas=(0.9, [0.9, 0.99, 1.0, 0.9]))
+    with pytest.raises(ValueError, match="'T_max' has 2 values, expected num_models=4"):
+        fusecc.optim.lr_scheduler.CosineAnnealingLR(fusecc.optim.SGD(fused, lr=0.1), T_max=[1, 2])
+    with pytest.raises(IndexError, match="index 4 out of range for 4 models"):
+        fused.select([0, 4])
+    with pytest.raises(ValueError, match="index 1 appears twice"):
+        fused.select([1, 1])
+    with pytest.raises(ValueError, match="indices is empty"):
+        fused.select([])
+
+
+def test_autocast_bf16_matches_per_model_autocast():
+    models = [m.eval() for m in make_models(Net, N)]
+    fused = fusecc.fuse(models)
+    x = torch.randn(N, 6, 2, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused(x)
+        ref = torch.stack([m(xi) for m, xi in zip(models, x)])
+    assert y.dtype == ref.dtype == torch.bfloat16
+    assert_close("autocast", y.float(), ref.float(), torch.bfloat16, rtol=2e-2, atol=2e-2)
