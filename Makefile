@@ -3,7 +3,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.fusecc-installed
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo demo-train test test-fast bench clean
 
 # create the virtual environment if absent, (re)install when the requirements change
 $(STAMP): requirements.txt setup.py
@@ -17,6 +17,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VPY) -m fusecc.demo
 
+demo-train: $(STAMP)
+	$(VPY) examples/train_digits.py
+
 test: $(STAMP)
 	$(VPY) -m pytest -q
 
@@ -25,6 +28,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) bench/bench_inference.py --markdown --csv bench/results/inference.csv
+	$(VPY) bench/bench_train.py --markdown --csv bench/results/train.csv
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
