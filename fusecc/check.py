@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from typing import Any, List
 
 import torch.nn as nn
 from torch import Tensor

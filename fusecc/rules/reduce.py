@@ -3,21 +3,16 @@ model dim; a full reduction reduces every dim but the model dim."""
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from typing import Any, List
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..lower import Layout, S, V, norm_dim
+from ..lower import S, V, norm_dim
 from .registry import Decline, arg, const, register_rule, set_arg
-from .shape import free_of
-
-
-def layout_after_removal(layout: Layout, removed: Sequence[int]) -> Layout:
-    k = sum(1 for p in removed if p < layout.dim)
-    return Layout(layout.kind, layout.dim - k)
+from .shape import free_of, layout_after_removal
 
 
 def _tuple_like(ctx, lay: Any) -> Any:

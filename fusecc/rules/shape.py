@@ -25,7 +25,7 @@ def free_of(ctx, x: V, dims: Sequence[int]) -> V:
     return x
 
 
-def model_dim_after_removal(layout: Layout, removed: Sequence[int]) -> Layout:
+def layout_after_removal(layout: Layout, removed: Sequence[int]) -> Layout:
     """Layout after per-model dims ``removed`` disappear (reductions without keepdim, select, unbind)."""
     k = sum(1 for p in removed if p < layout.dim)
     return Layout(layout.kind, layout.dim - k)
@@ -395,8 +395,6 @@ def fuse_select(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     p = norm_dim(const(arg(args, kwargs, 1, "dim")), x.rank)
     x = free_of(ctx, x, [p])
     new = ctx.method("select", x, ctx.tdim(x, p), arg(args, kwargs, 2, "index"))
-    from .reduce import layout_after_removal
-
     return ctx.out(new, layout_after_removal(x.layout, [p]))
 
 
@@ -490,6 +488,4 @@ def fuse_unbind(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x = args[0]
     p = norm_dim(const(arg(args, kwargs, 1, "dim", 0)), x.rank)
     x = free_of(ctx, x, [p])
-    from .reduce import layout_after_removal
-
     return ctx.out(ctx.method("unbind", x, ctx.tdim(x, p)), _tuple_layout(ctx, layout_after_removal(x.layout, [p])))
