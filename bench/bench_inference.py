@@ -32,12 +32,9 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import datetime
 import gc
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,36 +42,21 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torchvision
 from torch import Tensor
 
 import fusecc
 
+if __package__:  # run as python -m bench.<name>: _common.py is next to this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (BUSY_CORES, MODELS, BackgroundLoad, fmt, input_shape, machine_info, print_grid,
+                     print_machine, ratio, reps_for, time_interleaved, warn_busy)
+
 MAX_REL_ERR = 1e-4
-MIN_AUTO_REPS = 3
-BUSY_CORES = 0.25  # background load above which a row's timings are flagged as unreliable
 
 Provider = Callable[[Tensor], Union[Tensor, List[Tensor]]]
 
 
 # ---------------------------------------------------------------------------------------------------- models
-
-
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
-
-
-MODELS: Dict[str, Callable[[], nn.Module]] = {
-    "mlp": mlp,
-    "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
-    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=10),
-    "densenet121": lambda: torchvision.models.densenet121(num_classes=10),
-}
-
-
-def input_shape(model: str, res: int) -> Tuple[int, ...]:
-    """Shape of one sample (without the batch dim) for the named model."""
-    return (784,) if model == "mlp" else (3, res, res)
 
 
 # ---------------------------------------------------------------------------------------------------- providers
@@ -111,70 +93,6 @@ PROVIDERS: Dict[str, Callable[[List[nn.Module]], Provider]] = {
     "vmap": build_vmap,
     "fusecc": build_fusecc,
 }
-
-
-# ---------------------------------------------------------------------------------------------------- timing
-
-
-def time_call(fn: Provider, x: Tensor) -> float:
-    """Wall-clock seconds of one call."""
-    start = time.perf_counter()
-    fn(x)
-    return time.perf_counter() - start
-
-
-def time_interleaved(providers: Dict[str, Provider], x: Tensor, reps: int) -> Dict[str, List[float]]:
-    """`reps` rounds; each round calls every provider once, in order. Returns the seconds per call, per provider."""
-    times: Dict[str, List[float]] = {name: [] for name in providers}
-    for _ in range(reps):
-        for name, fn in providers.items():
-            times[name].append(time_call(fn, x))
-    return times
-
-
-def system_cpu_s() -> Optional[float]:
-    """CPU seconds all processes have used since boot (busy time in /proc/stat, steal included); None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-class BackgroundLoad:
-    """Cores used by OTHER processes (and the hypervisor) while the block runs: a busy machine makes timings noisy.
-
-    `with BackgroundLoad() as bg: ...` then `bg.cores` (None where /proc/stat is missing). /proc/stat counts in
-    clock ticks (10 ms), too coarse for a short block, so a block shorter than `min_window_s` is followed by a sleep
-    that makes the window that long."""
-
-    def __init__(self, min_window_s: float = 0.5):
-        self.min_window_s = min_window_s
-        self.cores: Optional[float] = None
-
-    def __enter__(self) -> "BackgroundLoad":
-        self._start = (time.perf_counter(), time.process_time(), system_cpu_s())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        wall0, own0, sys0 = self._start
-        time.sleep(max(0.0, self.min_window_s - (time.perf_counter() - wall0)))
-        sys1 = system_cpu_s()
-        if sys0 is not None and sys1 is not None:
-            own_s = time.process_time() - own0
-            self.cores = max(0.0, (sys1 - sys0 - own_s) / (time.perf_counter() - wall0))
-
-
-def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return None if a is None or b is None else a / b
-
-
-def reps_for(round_s: float, max_reps: int, budget_s: float) -> int:
-    """Repetitions that fit in `budget_s` given one round of all providers takes `round_s`, within the bounds."""
-    fit = int(budget_s // round_s) if round_s > 0 else max_reps
-    return min(max_reps, max(fit, MIN_AUTO_REPS))
 
 
 # ---------------------------------------------------------------------------------------------------- one row
@@ -242,10 +160,10 @@ def bench_row(model: str, n: int, batch: int, res: int, max_reps: int, budget_s:
         flag = "" if result.ok else f"  FAIL (>= {MAX_REL_ERR:g})"
         print(f"  {model} N={n} {name}: max rel err {result.max_rel_err:.1e}{flag}; "
               f"setup + first call {setup_s:.2f} s", flush=True)
-    warm = time_interleaved(working, x, 1)
+    warm = time_interleaved(working, (x,), 1)
     reps = reps_for(sum(ts[0] for ts in warm.values()), max_reps, budget_s)
     with BackgroundLoad() as bg:
-        times = time_interleaved(working, x, reps)
+        times = time_interleaved(working, (x,), reps)
     row.background_cores = bg.cores
     for name, ts in times.items():
         row.results[name].median_ms = statistics.median(ts) * 1e3
@@ -257,37 +175,6 @@ def bench_row(model: str, n: int, batch: int, res: int, max_reps: int, budget_s:
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
-
-
-def cpu_model() -> str:
-    """The CPU's model name from lscpu, else platform.processor()."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        out = ""
-    for line in out.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "Model name" and value.strip():
-            return value.strip()
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> Dict[str, str]:
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": str(os.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "fusecc": fusecc.__version__,
-        "timestamp": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-
-
-def fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
-    return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
 def table_rows(rows: Sequence[Row]) -> Tuple[List[str], List[List[str]]]:
@@ -314,16 +201,7 @@ def table_rows(rows: Sequence[Row]) -> Tuple[List[str], List[List[str]]]:
 
 
 def print_table(rows: Sequence[Row], markdown: bool) -> None:
-    header, body = table_rows(rows)
-    if markdown:
-        print("| " + " | ".join(header) + " |")
-        print("|" + "|".join("---" if i < 2 or i == len(header) - 1 else "--:" for i in range(len(header))) + "|")
-        for line in body:
-            print("| " + " | ".join(line) + " |")
-        return
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    for line in [header, *body]:
-        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+    print_grid(*table_rows(rows), markdown)
 
 
 def write_csv(path: str, rows: Sequence[Row], batch: int, res: int, info: Dict[str, str]) -> None:
@@ -377,10 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
     info = machine_info()
     print(f"# fusecc inference benchmark ({info['timestamp']})")
-    print(f"machine: {info['cpu']}, {info['cpu_count']} cores, {info['torch_threads']} torch threads; "
-          f"{info['platform']}")
-    print(f"versions: python {info['python']}, torch {info['torch']}, torchvision {info['torchvision']}, "
-          f"fusecc {info['fusecc']}")
+    print_machine(info)
     print(f"setup: models {','.join(a.models)}; N {','.join(map(str, a.num_models))}; batch {a.batch} per model; "
           f"images 3x{a.res}x{a.res}; up to {a.reps} reps; under torch.no_grad()\n", flush=True)
     start = time.perf_counter()
@@ -399,9 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not r.ok:
                 print(f"FAIL {r.model} N={r.num_models} {r.provider}: {r.error or f'max rel err {r.max_rel_err:.2e}'}")
     busy = [f"{row.model} N={row.num_models}" for row in rows if (row.background_cores or 0.0) > BUSY_CORES]
-    if busy:
-        print(f"WARNING: other processes used more than {BUSY_CORES:g} cores while timing {', '.join(busy)}; "
-              "those timings are unreliable: rerun on a quiet machine")
+    warn_busy(busy)
     print(f"\ntotal time {total_s:.0f} s")
     if a.csv:
         write_csv(a.csv, rows, a.batch, a.res, info)

@@ -39,6 +39,16 @@ def _num_models_of(params: Any, num_models: Optional[int]) -> int:
     return num_models
 
 
+def _axpy_(y: Tensor, x: Tensor, a: Union[float, Tensor]) -> Tensor:
+    """``y += a * x`` in one pass, for a scalar or a per-model ``[N, 1, ...]`` factor."""
+    return y.add_(x, alpha=a) if isinstance(a, float) else y.addcmul_(x, a)
+
+
+def _axpy(y: Tensor, x: Tensor, a: Union[float, Tensor]) -> Tensor:
+    """``y + a * x`` (a new tensor)."""
+    return y.add(x, alpha=a) if isinstance(a, float) else torch.addcmul(y, x, a)
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class: per-model hyper-parameters stored per param group as lists of N floats."""
 
@@ -87,12 +97,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"fusecc.optim: '{name}' must be >= 0; model {bad[0]} has {vals[bad[0]]}")
         return vals
 
-    @staticmethod
-    def _hp(vals: Sequence[float], p: Tensor) -> Tensor:
-        """Per-model values as ``[N, 1, ..., 1]`` to broadcast against the stacked parameter p."""
-        return torch.tensor(vals, dtype=p.dtype if p.is_floating_point() else torch.float32, device=p.device).view(
-            [len(vals)] + [1] * (p.dim() - 1)
-        )
+    def _hp(self, vals: Sequence[float], p: Tensor) -> Union[float, Tensor]:
+        """Per-model values to broadcast against the stacked parameter p: a float when every model has the same
+        value (then the update is torch's own op with a scalar), else a cached ``[N, 1, ..., 1]`` tensor."""
+        v0 = vals[0]
+        if all(v == v0 for v in vals):
+            return v0
+        key = (tuple(vals), p.dtype, p.device, p.dim())
+        cache = self.__dict__.setdefault("_hp_cache", {})
+        t = cache.get(key)
+        if t is None:
+            if len(cache) > 256:
+                cache.clear()
+            t = cache[key] = torch.tensor(vals, dtype=p.dtype, device=p.device).view([len(vals)] + [1] * (p.dim() - 1))
+        return t
 
     def select(self, indices: Sequence[int], fused: Any) -> "FusedOptimizer":
         """The same optimizer narrowed to models ``indices`` of ``fused`` (made by ``FusedModule.select``), keeping
@@ -149,7 +167,7 @@ class SGD(FusedOptimizer):
                     continue
                 d = -p.grad if g["maximize"] else p.grad
                 if any(g["weight_decay"]):
-                    d = d.add(p * self._hp(g["weight_decay"], p))
+                    d = _axpy(d, p, self._hp(g["weight_decay"], p))
                 if any(g["momentum"]):
                     mom = self._hp(g["momentum"], p)
                     st = self.state[p]
@@ -157,11 +175,13 @@ class SGD(FusedOptimizer):
                     if buf is None:
                         buf = st["momentum_buffer"] = d.clone()
                     else:
-                        buf.mul_(mom).add_(d * (1 - self._hp(g["dampening"], p)))
-                    use = (mom != 0)  # models without momentum take the plain gradient
-                    upd = d + mom * buf if g["nesterov"] else buf
-                    d = torch.where(use, upd, d)
-                p.sub_(d * self._hp(g["lr"], p))
+                        damp = [1 - x for x in g["dampening"]]
+                        _axpy_(buf.mul_(mom), d, self._hp(damp, p))
+                    upd = _axpy(d, buf, mom) if g["nesterov"] else buf
+                    if not all(g["momentum"]):  # models without momentum take the plain gradient
+                        upd = torch.where(mom != 0, upd, d)
+                    d = upd
+                _axpy_(p, d, self._hp([-x for x in g["lr"]], p))
         return loss
 
 
@@ -204,23 +224,29 @@ class Adam(FusedOptimizer):
                         st["max_exp_avg_sq"] = torch.zeros_like(p)
                 st["step"] += 1
                 step = float(st["step"])
-                lr, wd = self._hp(g["lr"], p), self._hp(g["weight_decay"], p)
-                b1, b2 = self._hp(g["beta1"], p), self._hp(g["beta2"], p)
                 if any(g["weight_decay"]):
                     if self._decoupled:
-                        p.mul_(1 - lr * wd)
+                        p.mul_(self._hp([1 - lr * wd for lr, wd in zip(g["lr"], g["weight_decay"])], p))
                     else:
-                        grad = grad.add(p * wd)
-                st["exp_avg"].lerp_(grad, 1 - b1)
-                st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad * (1 - b2))
-                bc1 = 1 - b1**step
-                bc2_sqrt = (1 - b2**step).sqrt()
+                        grad = _axpy(grad, p, self._hp(g["weight_decay"], p))
+                st["exp_avg"].lerp_(grad, self._hp([1 - b for b in g["beta1"]], p))
+                one_minus_b2 = self._hp([1 - b for b in g["beta2"]], p)
+                if isinstance(one_minus_b2, float):
+                    st["exp_avg_sq"].mul_(g["beta2"][0]).addcmul_(grad, grad, value=one_minus_b2)
+                else:
+                    st["exp_avg_sq"].mul_(self._hp(g["beta2"], p)).addcmul_(grad, grad * one_minus_b2)
+                bc1 = [1 - b**step for b in g["beta1"]]
+                bc2_sqrt = self._hp([math.sqrt(1 - b**step) for b in g["beta2"]], p)
+                step_size = self._hp([lr / c for lr, c in zip(g["lr"], bc1)], p)
                 sq = st["exp_avg_sq"]
                 if g["amsgrad"]:
                     torch.maximum(st["max_exp_avg_sq"], sq, out=st["max_exp_avg_sq"])
                     sq = st["max_exp_avg_sq"]
                 denom = (sq.sqrt() / bc2_sqrt).add_(self._hp(g["eps"], p))
-                p.addcdiv_(st["exp_avg"] * (-lr / bc1), denom)
+                if isinstance(step_size, float):
+                    p.addcdiv_(st["exp_avg"], denom, value=-step_size)
+                else:
+                    p.addcdiv_(st["exp_avg"], denom.div_(step_size), value=-1.0)
         return loss
 
 
@@ -269,21 +295,26 @@ class RMSprop(FusedOptimizer):
                         st["grad_avg"] = torch.zeros_like(p)
                 st["step"] += 1
                 if any(g["weight_decay"]):
-                    grad = grad.add(p * self._hp(g["weight_decay"], p))
-                alpha = self._hp(g["alpha"], p)
-                st["square_avg"].mul_(alpha).addcmul_(grad, grad * (1 - alpha))
+                    grad = _axpy(grad, p, self._hp(g["weight_decay"], p))
+                one_minus_alpha = self._hp([1 - x for x in g["alpha"]], p)
+                if isinstance(one_minus_alpha, float):
+                    st["square_avg"].mul_(g["alpha"][0]).addcmul_(grad, grad, value=one_minus_alpha)
+                else:
+                    st["square_avg"].mul_(self._hp(g["alpha"], p)).addcmul_(grad, grad * one_minus_alpha)
                 if g["centered"]:
-                    st["grad_avg"].lerp_(grad, 1 - alpha)
+                    st["grad_avg"].lerp_(grad, one_minus_alpha)
                     avg = st["square_avg"].addcmul(st["grad_avg"], st["grad_avg"], value=-1).sqrt_()
                 else:
                     avg = st["square_avg"].sqrt()
                 avg = avg.add_(self._hp(g["eps"], p))
-                lr = self._hp(g["lr"], p)
+                neg_lr = self._hp([-x for x in g["lr"]], p)
                 if "momentum_buffer" in st:
                     buf = st["momentum_buffer"]
                     buf.mul_(self._hp(g["momentum"], p)).addcdiv_(grad, avg)
-                    p.sub_(buf * lr)
+                    _axpy_(p, buf, neg_lr)
+                elif isinstance(neg_lr, float):
+                    p.addcdiv_(grad, avg, value=neg_lr)
                 else:
-                    p.addcdiv_(grad * (-lr), avg)
+                    p.addcdiv_(grad, avg.div_(-neg_lr), value=-1.0)
         return loss
 
