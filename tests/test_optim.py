@@ -41,6 +41,22 @@ def per_model(kwargs, i):
     return {k: pick(k, v) for k, v in kwargs.items()}
 
 
+def run_steps(fused, opt, models, ref_opts, batches, sched=None, ref_scheds=()):
+    """The same steps fused (one optimizer, per-model settings) and per model (N torch optimizers)."""
+    for x, y in batches:
+        fusecc.per_model_loss(F.cross_entropy, fused(x), y).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        if sched is not None:
+            sched.step()
+        for i, (m, o) in enumerate(zip(models, ref_opts)):
+            F.cross_entropy(m(x[i]), y[i]).backward()
+            o.step()
+            o.zero_grad()
+            if ref_scheds:
+                ref_scheds[i].step()
+
+
 def train_both(opt_name, kwargs, steps=3, torch_kwargs=None):
     """K fused steps vs K steps of N torch optimizers with each model's settings; returns (fused, models)."""
     models = make_models(Net, N)
@@ -48,15 +64,7 @@ def train_both(opt_name, kwargs, steps=3, torch_kwargs=None):
     opt = getattr(fusecc.optim, opt_name)(fused, **kwargs)
     tk = torch_kwargs or kwargs
     ref = [getattr(torch.optim, opt_name)(m.parameters(), **per_model(tk, i)) for i, m in enumerate(models)]
-    for x, y in data(steps):
-        loss = fusecc.per_model_loss(F.cross_entropy, fused(x), y)
-        loss.sum().backward()
-        opt.step()
-        opt.zero_grad()
-        for i, (m, o) in enumerate(zip(models, ref)):
-            F.cross_entropy(m(x[i]), y[i]).backward()
-            o.step()
-            o.zero_grad()
+    run_steps(fused, opt, models, ref, data(steps))
     return fused, models, opt
 
 
@@ -95,14 +103,7 @@ def test_adam_per_model_betas():
     fused = fusecc.fuse(models).train()
     opt = fusecc.optim.Adam(fused, lr=1e-2, betas=(b1, b2))
     ref = [torch.optim.Adam(m.parameters(), lr=1e-2, betas=(b1[i], b2[i])) for i, m in enumerate(models)]
-    for x, y in data(3):
-        fusecc.per_model_loss(F.cross_entropy, fused(x), y).sum().backward()
-        opt.step()
-        opt.zero_grad()
-        for i, (m, o) in enumerate(zip(models, ref)):
-            F.cross_entropy(m(x[i]), y[i]).backward()
-            o.step()
-            o.zero_grad()
+    run_steps(fused, opt, models, ref, data(3))
     assert_same_weights(fused, models)
 
 
@@ -120,14 +121,7 @@ def test_param_groups_no_decay_biases():
         nd = [p for n, p in m.named_parameters() if not n.endswith("weight")]
         ref.append(torch.optim.AdamW([{"params": d, "weight_decay": wd[i]}, {"params": nd, "weight_decay": 0.0}],
                                      lr=1e-2))
-    for x, y in data(3):
-        fusecc.per_model_loss(F.cross_entropy, fused(x), y).sum().backward()
-        opt.step()
-        opt.zero_grad()
-        for i, (m, o) in enumerate(zip(models, ref)):
-            F.cross_entropy(m(x[i]), y[i]).backward()
-            o.step()
-            o.zero_grad()
+    run_steps(fused, opt, models, ref, data(3))
     assert_same_weights(fused, models)
 
 
@@ -214,16 +208,7 @@ def test_scheduled_training_equals_torch():
     for i, m in enumerate(models):
         o = torch.optim.SGD(m.parameters(), lr=lrs[i], momentum=0.9)
         ref.append((o, torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=tmax[i])))
-    for x, y in data(4):
-        fusecc.per_model_loss(F.cross_entropy, fused(x), y).sum().backward()
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-        for i, (m, (o, s)) in enumerate(zip(models, ref)):
-            F.cross_entropy(m(x[i]), y[i]).backward()
-            o.step()
-            o.zero_grad()
-            s.step()
+    run_steps(fused, opt, models, [o for o, _ in ref], data(4), sched, [s for _, s in ref])
     assert_same_weights(fused, models)
 
 

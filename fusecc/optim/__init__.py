@@ -112,6 +112,22 @@ class FusedOptimizer(torch.optim.Optimizer):
             t = cache[key] = torch.tensor(vals, dtype=p.dtype, device=p.device).view([len(vals)] + [1] * (p.dim() - 1))
         return t
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter with a gradient, each model with its own hyper-parameters."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    self._update(g, p, -p.grad if g["maximize"] else p.grad, self.state[p])
+        return loss
+
+    def _update(self, g: Dict[str, Any], p: Tensor, grad: Tensor, st: Dict[str, Any]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must define _update (the per-parameter step)")
+
     def select(self, indices: Sequence[int], fused: Any) -> "FusedOptimizer":
         """The same optimizer narrowed to models ``indices`` of ``fused`` (made by ``FusedModule.select``), keeping
         their hyper-parameters and optimizer state."""
@@ -155,34 +171,23 @@ class SGD(FusedOptimizer):
             if g["nesterov"] and any(m <= 0 or d != 0 for m, d in zip(g["momentum"], g["dampening"])):
                 raise ValueError("fusecc.optim.SGD: nesterov needs momentum > 0 and dampening = 0 for every model")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = -p.grad if g["maximize"] else p.grad
-                if any(g["weight_decay"]):
-                    d = _axpy(d, p, self._hp(g["weight_decay"], p))
-                if any(g["momentum"]):
-                    mom = self._hp(g["momentum"], p)
-                    st = self.state[p]
-                    buf = st.get("momentum_buffer")
-                    if buf is None:
-                        buf = st["momentum_buffer"] = d.clone()
-                    else:
-                        damp = [1 - x for x in g["dampening"]]
-                        _axpy_(buf.mul_(mom), d, self._hp(damp, p))
-                    upd = _axpy(d, buf, mom) if g["nesterov"] else buf
-                    if not all(g["momentum"]):  # models without momentum take the plain gradient
-                        upd = torch.where(mom != 0, upd, d)
-                    d = upd
-                _axpy_(p, d, self._hp([-x for x in g["lr"]], p))
-        return loss
+    def _update(self, g: Dict[str, Any], p: Tensor, grad: Tensor, st: Dict[str, Any]) -> None:
+        d = grad
+        if any(g["weight_decay"]):
+            d = _axpy(d, p, self._hp(g["weight_decay"], p))  # L2 penalty added to the gradient, as torch
+        if any(g["momentum"]):
+            mom = self._hp(g["momentum"], p)
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                buf = st["momentum_buffer"] = d.clone()
+            else:
+                damp = [1 - x for x in g["dampening"]]
+                _axpy_(buf.mul_(mom), d, self._hp(damp, p))
+            upd = _axpy(d, buf, mom) if g["nesterov"] else buf
+            if not all(g["momentum"]):  # models without momentum take the plain gradient
+                upd = torch.where(mom != 0, upd, d)
+            d = upd
+        _axpy_(p, d, self._hp([-x for x in g["lr"]], p))
 
 
 class Adam(FusedOptimizer):
@@ -204,50 +209,38 @@ class Adam(FusedOptimizer):
                 if bad:
                     raise ValueError(f"fusecc.optim: '{k}' must be in [0, 1); model {bad[0]} has {g[k][bad[0]]}")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                grad = -p.grad if g["maximize"] else p.grad
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-                    if g["amsgrad"]:
-                        st["max_exp_avg_sq"] = torch.zeros_like(p)
-                st["step"] += 1
-                step = float(st["step"])
-                if any(g["weight_decay"]):
-                    if self._decoupled:
-                        p.mul_(self._hp([1 - lr * wd for lr, wd in zip(g["lr"], g["weight_decay"])], p))
-                    else:
-                        grad = _axpy(grad, p, self._hp(g["weight_decay"], p))
-                st["exp_avg"].lerp_(grad, self._hp([1 - b for b in g["beta1"]], p))
-                one_minus_b2 = self._hp([1 - b for b in g["beta2"]], p)
-                if isinstance(one_minus_b2, float):
-                    st["exp_avg_sq"].mul_(g["beta2"][0]).addcmul_(grad, grad, value=one_minus_b2)
-                else:
-                    st["exp_avg_sq"].mul_(self._hp(g["beta2"], p)).addcmul_(grad, grad * one_minus_b2)
-                bc1 = [1 - b**step for b in g["beta1"]]
-                bc2_sqrt = self._hp([math.sqrt(1 - b**step) for b in g["beta2"]], p)
-                step_size = self._hp([lr / c for lr, c in zip(g["lr"], bc1)], p)
-                sq = st["exp_avg_sq"]
-                if g["amsgrad"]:
-                    torch.maximum(st["max_exp_avg_sq"], sq, out=st["max_exp_avg_sq"])
-                    sq = st["max_exp_avg_sq"]
-                denom = (sq.sqrt() / bc2_sqrt).add_(self._hp(g["eps"], p))
-                if isinstance(step_size, float):
-                    p.addcdiv_(st["exp_avg"], denom, value=-step_size)
-                else:
-                    p.addcdiv_(st["exp_avg"], denom.div_(step_size), value=-1.0)
-        return loss
+    def _update(self, g: Dict[str, Any], p: Tensor, grad: Tensor, st: Dict[str, Any]) -> None:
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p)
+            st["exp_avg_sq"] = torch.zeros_like(p)
+            if g["amsgrad"]:
+                st["max_exp_avg_sq"] = torch.zeros_like(p)
+        st["step"] += 1
+        step = float(st["step"])
+        if any(g["weight_decay"]):
+            if self._decoupled:
+                p.mul_(self._hp([1 - lr * wd for lr, wd in zip(g["lr"], g["weight_decay"])], p))
+            else:
+                grad = _axpy(grad, p, self._hp(g["weight_decay"], p))
+        st["exp_avg"].lerp_(grad, self._hp([1 - b for b in g["beta1"]], p))
+        one_minus_b2 = self._hp([1 - b for b in g["beta2"]], p)
+        if isinstance(one_minus_b2, float):
+            st["exp_avg_sq"].mul_(g["beta2"][0]).addcmul_(grad, grad, value=one_minus_b2)
+        else:
+            st["exp_avg_sq"].mul_(self._hp(g["beta2"], p)).addcmul_(grad, grad * one_minus_b2)
+        bc1 = [1 - b**step for b in g["beta1"]]
+        bc2_sqrt = self._hp([math.sqrt(1 - b**step) for b in g["beta2"]], p)
+        step_size = self._hp([lr / c for lr, c in zip(g["lr"], bc1)], p)
+        sq = st["exp_avg_sq"]
+        if g["amsgrad"]:
+            torch.maximum(st["max_exp_avg_sq"], sq, out=st["max_exp_avg_sq"])
+            sq = st["max_exp_avg_sq"]
+        denom = (sq.sqrt() / bc2_sqrt).add_(self._hp(g["eps"], p))
+        if isinstance(step_size, float):
+            p.addcdiv_(st["exp_avg"], denom, value=-step_size)
+        else:
+            p.addcdiv_(st["exp_avg"], denom.div_(step_size), value=-1.0)
 
 
 class AdamW(Adam):
@@ -274,47 +267,35 @@ class RMSprop(FusedOptimizer):
                         maximize=maximize)
         super().__init__(params, defaults, num_models)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                grad = -p.grad if g["maximize"] else p.grad
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
-                    st["square_avg"] = torch.zeros_like(p)
-                    if any(g["momentum"]):
-                        st["momentum_buffer"] = torch.zeros_like(p)
-                    if g["centered"]:
-                        st["grad_avg"] = torch.zeros_like(p)
-                st["step"] += 1
-                if any(g["weight_decay"]):
-                    grad = _axpy(grad, p, self._hp(g["weight_decay"], p))
-                one_minus_alpha = self._hp([1 - x for x in g["alpha"]], p)
-                if isinstance(one_minus_alpha, float):
-                    st["square_avg"].mul_(g["alpha"][0]).addcmul_(grad, grad, value=one_minus_alpha)
-                else:
-                    st["square_avg"].mul_(self._hp(g["alpha"], p)).addcmul_(grad, grad * one_minus_alpha)
-                if g["centered"]:
-                    st["grad_avg"].lerp_(grad, one_minus_alpha)
-                    avg = st["square_avg"].addcmul(st["grad_avg"], st["grad_avg"], value=-1).sqrt_()
-                else:
-                    avg = st["square_avg"].sqrt()
-                avg = avg.add_(self._hp(g["eps"], p))
-                neg_lr = self._hp([-x for x in g["lr"]], p)
-                if "momentum_buffer" in st:
-                    buf = st["momentum_buffer"]
-                    buf.mul_(self._hp(g["momentum"], p)).addcdiv_(grad, avg)
-                    _axpy_(p, buf, neg_lr)
-                elif isinstance(neg_lr, float):
-                    p.addcdiv_(grad, avg, value=neg_lr)
-                else:
-                    p.addcdiv_(grad, avg.div_(-neg_lr), value=-1.0)
-        return loss
+    def _update(self, g: Dict[str, Any], p: Tensor, grad: Tensor, st: Dict[str, Any]) -> None:
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            st["square_avg"] = torch.zeros_like(p)
+            if any(g["momentum"]):
+                st["momentum_buffer"] = torch.zeros_like(p)
+            if g["centered"]:
+                st["grad_avg"] = torch.zeros_like(p)
+        st["step"] += 1
+        if any(g["weight_decay"]):
+            grad = _axpy(grad, p, self._hp(g["weight_decay"], p))
+        one_minus_alpha = self._hp([1 - x for x in g["alpha"]], p)
+        if isinstance(one_minus_alpha, float):
+            st["square_avg"].mul_(g["alpha"][0]).addcmul_(grad, grad, value=one_minus_alpha)
+        else:
+            st["square_avg"].mul_(self._hp(g["alpha"], p)).addcmul_(grad, grad * one_minus_alpha)
+        if g["centered"]:
+            st["grad_avg"].lerp_(grad, one_minus_alpha)
+            avg = st["square_avg"].addcmul(st["grad_avg"], st["grad_avg"], value=-1).sqrt_()
+        else:
+            avg = st["square_avg"].sqrt()
+        avg = avg.add_(self._hp(g["eps"], p))
+        neg_lr = self._hp([-x for x in g["lr"]], p)
+        if "momentum_buffer" in st:
+            buf = st["momentum_buffer"]
+            buf.mul_(self._hp(g["momentum"], p)).addcdiv_(grad, avg)
+            _axpy_(p, buf, neg_lr)
+        elif isinstance(neg_lr, float):
+            p.addcdiv_(grad, avg, value=neg_lr)
+        else:
+            p.addcdiv_(grad, avg.div_(-neg_lr), value=-1.0)
 
