@@ -346,3 +346,22 @@ def test_autocast_bf16_matches_per_model_autocast():
         ref = torch.stack([m(xi) for m, xi in zip(models, x)])
     assert y.dtype == ref.dtype == torch.bfloat16
     assert_close("autocast", y.float(), ref.float(), torch.bfloat16, rtol=2e-2, atol=2e-2)
+
+
+def test_autocast_bf16_training_step_matches_per_model():
+    """Forward + backward under bf16 autocast: outputs and gradients equal per-model autocast within bf16 tolerance."""
+    models = make_models(Net, N)
+    fused = fusecc.fuse(models).train()
+    x, y = data(1)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(x)
+        loss = fusecc.per_model_loss(F.cross_entropy, out, y)
+    loss.sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = [F.cross_entropy(m(x[i]), y[i]) for i, m in enumerate(models)]
+    torch.stack(ref).sum().backward()
+    assert_close("loss", loss.float(), torch.stack(ref).float(), torch.bfloat16, rtol=2e-2, atol=2e-2)
+    for name, p in fused.named_parameters():
+        want = torch.stack([m.get_parameter(name).grad for m in models])
+        scale = want.abs().max().item()
+        assert_close(f"{name}.grad", p.grad, want, torch.bfloat16, rtol=5e-2, atol=5e-2 * scale)
