@@ -119,11 +119,6 @@ class Report:
     def count(self, kind: str, how: Optional[str] = None) -> int:
         return sum(c for (k, h), c in self.ops.items() if k == kind and (how is None or h == how))
 
-    @property
-    def copies(self) -> int:
-        """Layout conversions that copy data (repeat of a shared value, or folding a non-contiguous view)."""
-        return sum(c for k, c in self.conversions.items() if k in ("fold", "repeat"))
-
     def table(self) -> str:
         lines = []
         for (kind, how), c in sorted(self.ops.items()):

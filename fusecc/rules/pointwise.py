@@ -50,7 +50,7 @@ ELEMENTWISE_FUNCTIONS = (
     _OPERATORS
     + [getattr(torch, n) for n in _TORCH if hasattr(torch, n)]
     + [getattr(F, n) for n in _FUNCTIONAL if hasattr(F, n)]
-    + [torch.relu_, torch.sigmoid_, torch.tanh_] * 1
+    + [torch.relu_, torch.sigmoid_, torch.tanh_]
 )
 ELEMENTWISE_METHODS = [m for m in _METHODS if hasattr(torch.Tensor, m)] + _INPLACE + [
     "__and__", "__or__", "__xor__", "__invert__", "masked_fill_", "clamp_", "copy_", "fill_", "zero_",
