@@ -4,6 +4,8 @@ table printing. Imported as `_common` by the scripts, which are run from the rep
 
 from __future__ import annotations
 
+import argparse
+import csv
 import datetime
 import os
 import platform
@@ -168,3 +170,60 @@ def warn_busy(labels: Sequence[str]) -> None:
     if labels:
         print(f"WARNING: other processes used more than {BUSY_CORES:g} cores while timing {', '.join(labels)}; "
               "those timings are unreliable: rerun on a quiet machine")
+
+
+# ---------------------------------------------------------------------------------------------------- CLI and CSV
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """The options both benchmarks take; a script adds its own, then calls finish_args."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", help=f"comma list from {','.join(MODELS)} (default: all)")
+    ap.add_argument("--num-models", help="comma list of N (default: 1,4,8,16)")
+    ap.add_argument("--batch", type=int, default=8, help="batch per model (default: 8)")
+    ap.add_argument("--res", type=int, default=32, help="image side for the CNNs (default: 32)")
+    ap.add_argument("--reps", type=int, help="timed repetitions per row, at most (default: 5)")
+    ap.add_argument("--row-budget", type=float, default=20.0,
+                    help="seconds of timing per row before repetitions are cut down (default: 20)")
+    ap.add_argument("--csv", metavar="PATH", help="write one line per (model, N, provider) with machine info")
+    ap.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: mlp,resnet18, N in 1,2, 1 rep (explicit options still win)")
+    return ap
+
+
+def finish_args(ap: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse, apply the --quick defaults, and reject unknown models and non-positive sizes."""
+    a = ap.parse_args(argv)
+    a.models = (a.models or ("mlp,resnet18" if a.quick else ",".join(MODELS))).split(",")
+    a.num_models = [int(n) for n in (a.num_models or ("1,2" if a.quick else "1,4,8,16")).split(",")]
+    if a.reps is None:
+        a.reps = 1 if a.quick else 5
+    unknown = [m for m in a.models if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    if a.reps < 1 or a.batch < 1 or a.res < 1 or min(a.num_models) < 1:
+        ap.error("--reps, --batch, --res and --num-models must be positive")
+    return a
+
+
+CSV_FIELDS = ["model", "num_models", "batch", "res", "provider", "median_ms", "reps", "speedup_vs_loop",
+              "max_rel_err", "ok", "error", "background_cores"]
+
+
+def csv_base(r: Any, background_cores: Optional[float], batch: int, res: int) -> Dict[str, Any]:
+    """The CSV columns every benchmark result has (r: a script's Result)."""
+    return {
+        "model": r.model, "num_models": r.num_models, "batch": batch, "res": res if r.model != "mlp" else "",
+        "provider": r.provider, "median_ms": fmt(r.median_ms, ".3f"), "reps": r.reps,
+        "speedup_vs_loop": fmt(r.speedup_vs_loop, ".3f"), "max_rel_err": fmt(r.max_rel_err, ".3e"), "ok": r.ok,
+        "error": r.error, "background_cores": fmt(background_cores, ".2f"),
+    }
+
+
+def write_csv_rows(path: str, fields: List[str], lines: List[Dict[str, Any]]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(lines)

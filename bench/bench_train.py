@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import gc
 import os
 import statistics
@@ -70,8 +69,9 @@ import fusecc
 
 if __package__:  # run as python -m bench.<name>: _common.py is next to this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (BUSY_CORES, MODELS, BackgroundLoad, fmt, input_shape, machine_info, print_grid,
-                     print_machine, ratio, reps_for, time_interleaved, warn_busy)
+from _common import (BUSY_CORES, CSV_FIELDS, MODELS, BackgroundLoad, arg_parser, csv_base, finish_args, fmt,
+                     input_shape, machine_info, print_grid, print_machine, ratio, reps_for, time_interleaved,
+                     warn_busy, write_csv_rows)
 
 MAX_REL_ERR = 1e-4
 F64_MAX_REL_ERR = 1e-9  # the float64 diagnosis: rounding there is ~1e-16 relative, so more means another function
@@ -372,57 +372,26 @@ def table_rows(rows: Sequence[Row]) -> Tuple[List[str], List[List[str]]]:
 
 
 def write_csv(path: str, rows: Sequence[Row], batch: int, res: int, info: Dict[str, str]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fields = ["model", "num_models", "batch", "res", "provider", "median_ms", "reps", "speedup_vs_loop",
-              "max_rel_err", "worst_key", "ok", "error", "f64_rel_err", "f64_worst_key", "f64_error",
-              "background_cores", "lr_min", "lr_max", "momentum", *info]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            lrs = learning_rates(row.num_models)
-            for r in row.results.values():
-                writer.writerow({
-                    "model": r.model, "num_models": r.num_models, "batch": batch,
-                    "res": res if r.model != "mlp" else "", "provider": r.provider,
-                    "median_ms": fmt(r.median_ms, ".3f"), "reps": r.reps,
-                    "speedup_vs_loop": fmt(r.speedup_vs_loop, ".3f"), "max_rel_err": fmt(r.max_rel_err, ".3e"),
-                    "worst_key": r.worst, "ok": r.ok, "error": r.error, "f64_rel_err": fmt(r.f64_rel_err, ".3e"),
-                    "f64_worst_key": r.f64_worst, "f64_error": r.f64_error,
-                    "background_cores": fmt(row.background_cores, ".2f"),
-                    "lr_min": f"{min(lrs):g}", "lr_max": f"{max(lrs):g}", "momentum": f"{MOMENTUM:g}", **info,
-                })
+    extra = ["worst_key", "f64_rel_err", "f64_worst_key", "f64_error", "lr_min", "lr_max", "momentum"]
+    lines = []
+    for row in rows:
+        lrs = learning_rates(row.num_models)
+        for r in row.results.values():
+            lines.append({**csv_base(r, row.background_cores, batch, res), "worst_key": r.worst,
+                          "f64_rel_err": fmt(r.f64_rel_err, ".3e"), "f64_worst_key": r.f64_worst,
+                          "f64_error": r.f64_error, "lr_min": f"{min(lrs):g}", "lr_max": f"{max(lrs):g}",
+                          "momentum": f"{MOMENTUM:g}", **info})
+    write_csv_rows(path, CSV_FIELDS + extra + list(info), lines)
 
 
 # ---------------------------------------------------------------------------------------------------- main
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", help=f"comma list from {','.join(MODELS)} (default: all)")
-    ap.add_argument("--num-models", help="comma list of N (default: 1,4,8,16)")
-    ap.add_argument("--batch", type=int, default=8, help="batch per model (default: 8)")
-    ap.add_argument("--res", type=int, default=32, help="image side for the CNNs (default: 32)")
-    ap.add_argument("--reps", type=int, help="timed repetitions per row, at most (default: 5)")
-    ap.add_argument("--row-budget", type=float, default=20.0,
-                    help="seconds of timing per row before repetitions are cut down (default: 20)")
-    ap.add_argument("--csv", metavar="PATH", help="write one line per (model, N, provider) with machine info")
-    ap.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
+    ap = arg_parser(__doc__)
     ap.add_argument("--no-f64", dest="f64", action="store_false",
                     help="skip the float64 diagnosis (one more step per provider per row, in float64)")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: mlp,resnet18, N in 1,2, 1 rep (explicit options still win)")
-    a = ap.parse_args(argv)
-    a.models = (a.models or ("mlp,resnet18" if a.quick else ",".join(MODELS))).split(",")
-    a.num_models = [int(n) for n in (a.num_models or ("1,2" if a.quick else "1,4,8,16")).split(",")]
-    if a.reps is None:
-        a.reps = 1 if a.quick else 5
-    unknown = [m for m in a.models if m not in MODELS]
-    if unknown:
-        ap.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
-    if a.reps < 1 or a.batch < 1 or a.res < 1 or min(a.num_models) < 1:
-        ap.error("--reps, --batch, --res and --num-models must be positive")
-    return a
+    return finish_args(ap, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
