@@ -3,7 +3,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.fusecc-installed
 
-.PHONY: venv demo demo-train test test-fast bench clean
+.PHONY: venv demo demo-train test test-fast bench kernels-report clean
 
 # create the virtual environment if absent, (re)install when the requirements change
 $(STAMP): requirements.txt setup.py
@@ -29,6 +29,10 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(VPY) bench/bench_inference.py --markdown --csv bench/results/inference.csv
 	$(VPY) bench/bench_train.py --markdown --csv bench/results/train.csv
+
+# compile every Triton kernel for sm_80 / sm_90 (no GPU needed) and print registers, spills, shared memory
+kernels-report: $(STAMP)
+	env -u TRITON_INTERPRET $(VPY) -m fusecc.kernels.report
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

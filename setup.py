@@ -1,10 +1,16 @@
+import os
+
 from setuptools import setup
+
+# kernels/ installs as fusecc.kernels (never as a top-level `kernels`, a name an unrelated PyPI package owns);
+# each op folder in it is a subpackage
+_OPS = sorted(d for d in os.listdir("kernels") if os.path.isfile(os.path.join("kernels", d, "__init__.py")))
 
 setup(
     name="fusecc",
     version="0.1.0",
     description="Fuse N same-architecture PyTorch models into one module that runs all N at once",
-    packages=["fusecc", "fusecc.rules", "fusecc.optim", "fusecc.kernels"],
+    packages=["fusecc", "fusecc.rules", "fusecc.optim", "fusecc.kernels"] + [f"fusecc.kernels.{op}" for op in _OPS],
     package_dir={"fusecc.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch==2.14.1", "numpy"],

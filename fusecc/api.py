@@ -15,6 +15,7 @@ from torch import Tensor
 from . import rules as _rules  # noqa: F401  (registers every rule)
 from .check import check_models
 from .errors import FusionError
+from .epilogue import fuse_activations
 from .lower import Lowerer, Report, S, codegen, eliminate_dead_code, source_line
 from .trace import shape_prop, trace
 
@@ -245,6 +246,7 @@ class FusedModule(nn.Module):
             graph = lowerer.run(inputs)
         except FusionError as e:
             raise self._with_source_line(e, concrete) from e.__cause__
+        fuse_activations(graph, self, lowerer.report)
         eliminate_dead_code(graph)
         entry = _Compiled(codegen(graph, self._fusecc_source), graph, lowerer.report)
         self._fusecc_compiled[key] = entry

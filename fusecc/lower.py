@@ -170,6 +170,18 @@ class Lowerer:
         self.env: Dict[fx.Node, Any] = {}
         self.report = Report()
         self.node: Optional[fx.Node] = None  # the original node being lowered
+        self._triton: Optional[bool] = None
+
+    @property
+    def triton(self) -> bool:
+        """Whether the fused ops with a Triton kernel will run it (parameters on CUDA, backend not forced to the
+        reference, when compiling); the report says so. The choice itself is made at each call, in fusecc.kernels."""
+        if self._triton is None:
+            from fusecc.kernels._backend import use_triton
+
+            p = next(iter(self.fused.parameters()), None)
+            self._triton = p is not None and p.is_cuda and use_triton([p])
+        return self._triton
 
     # ------------------------------------------------------------------ emission
     def unwrap(self, x: Any) -> Any:

@@ -17,32 +17,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fusecc.kernels import conv1x1 as kernels_conv1x1
+from fusecc.kernels import layer_norm as kernels_layer_norm
+from fusecc.kernels import linear as kernels_linear
+
 # ----------------------------------------------------------------------------------------------------------------
 # linear family
 
 
-def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Per-model linear: ``y[n] = x[n] @ weight[n]^T + bias[n]``.
+def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "none") -> Tensor:
+    """Per-model linear: ``y[n] = act(x[n] @ weight[n]^T + bias[n])``.
 
-    x ``[N, *, K]``, weight ``[N, M, K]``, bias ``[N, M]`` or None -> ``[N, *, M]``.
+    x ``[N, *, K]``, weight ``[N, M, K]``, bias ``[N, M]`` or None -> ``[N, *, M]``. The Triton kernel on CUDA
+    (bias and activation in its epilogue), ``baddbmm`` elsewhere (fusecc.kernels.linear).
     """
-    n, m, k = weight.shape
-    lead = x.shape[1:-1]
-    x3 = x.reshape(n, -1, k)
-    if bias is None:
-        y = torch.bmm(x3, weight.transpose(1, 2))
-    else:
-        y = torch.baddbmm(bias.unsqueeze(1), x3, weight.transpose(1, 2))
-    return y.reshape((n,) + tuple(lead) + (m,))
+    return kernels_linear.batched_linear(x, weight, bias, act)
 
 
-def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "none") -> Tensor:
     """N linears on one shared input as ONE GEMM with the N weights concatenated.
 
     x ``[*, K]`` (the same for every model), weight ``[N, M, K]``, bias ``[N, M]`` -> ``[*, N*M]`` (model-major).
     """
-    k = weight.shape[-1]
-    return F.linear(x, weight.reshape(-1, k), None if bias is None else bias.reshape(-1))
+    return kernels_linear.wide_linear(x, weight, bias, act)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,10 +61,20 @@ def stacked_conv(
     ``groups`` is the conv's own group count: ``N*g`` for a folded input ``[B, N*Cin, *sp]`` (grouped conv,
     model n reads only its own channels) or ``g`` (=1) for a shared input ``[B, Cin, *sp]`` (wide conv).
     """
+    n = weight.shape[0]
+    if (nd == 2 and tuple(weight.shape[-2:]) == (1, 1) and _all_eq(padding, 0) and _all_eq(dilation, 1)
+            and (groups == n or groups == 1) and x.dim() == 4 and not isinstance(stride, str)):
+        # a 1x1 conv per model (groups = N) or of a shared input (groups = 1): the per-model GEMM kernel on CUDA,
+        # this same grouped conv elsewhere (fusecc.kernels.conv1x1)
+        return kernels_conv1x1.conv1x1(x, weight.flatten(2), bias, stride=stride, shared_input=groups == 1 and n > 1)
     w = weight.flatten(0, 1)
     b = None if bias is None else bias.flatten()
     conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
     return conv(x, w, b, stride, padding, dilation, groups)
+
+
+def _all_eq(v: Any, value: int) -> bool:
+    return all(e == value for e in v) if isinstance(v, (tuple, list)) else v == value
 
 
 def stacked_conv_transpose(
@@ -188,7 +195,18 @@ def layer_norm(
     eps: float,
     affine_shape: List[int],
 ) -> Tensor:
-    """LayerNorm with per-model affine: normalise (no affine), then ``addcmul`` with weight viewed as affine_shape."""
+    """LayerNorm with per-model affine: normalise (no affine), then ``addcmul`` with weight viewed as affine_shape.
+
+    Over the last dim with a stacked x (model dim at ``md``), fusecc.kernels.layer_norm does both in one pass on
+    ``[N, *, D]`` strided views (the Triton kernel on CUDA; this same normalise-then-addcmul elsewhere).
+    """
+    n, md = affine_shape[0], x.dim() - len(affine_shape)
+    if len(normalized_shape) == 1 and md >= 0 and x.shape[md] == n and all(s == 1 for s in affine_shape[1:-1]):
+        y = kernels_layer_norm.layer_norm(
+            x.movedim(md, 0), None if weight is None else weight.reshape(n, -1),
+            None if bias is None else bias.reshape(n, -1), eps,
+        )
+        return y.movedim(0, md)
     y = F.layer_norm(x, normalized_shape, None, None, eps)
     return affine(
         y,

@@ -6,6 +6,10 @@ arithmetic as ``torch.optim``'s single-tensor implementations, so K fused steps 
 ``torch.optim`` optimizers. All updates are element-wise, so a NaN in one model's gradient never reaches
 another model's parameters or state.
 
+On CUDA, an SGD or Adam/AdamW step updates all parameters of a param group and dtype in one fused Triton launch
+(``fusecc.kernels.optim``, fp32 math); CPU parameters, and any the kernel cannot take, go through aten ops one
+parameter at a time. ``fusecc.kernels.use_backend`` picks between them (``"reference"``: aten everywhere).
+
 Examples::
 
     fused = fusecc.fuse(models).train()
@@ -16,11 +20,13 @@ Examples::
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from ..kernels import _backend
+from ..kernels import optim as _kernels  # fused Triton steps; imports no triton until a step picks it
 from . import lr_scheduler  # noqa: F401  (fusecc.optim.lr_scheduler)
 
 PerModel = Union[float, Sequence[float], Tensor]
@@ -120,13 +126,41 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is not None:
-                    self._update(g, p, -p.grad if g["maximize"] else p.grad, self.state[p])
+            for p in self._kernel_step(g, [p for p in g["params"] if p.grad is not None]):
+                self._update(g, p, -p.grad if g["maximize"] else p.grad, self.state[p])
         return loss
 
     def _update(self, g: Dict[str, Any], p: Tensor, grad: Tensor, st: Dict[str, Any]) -> None:
         raise NotImplementedError(f"{type(self).__name__} must define _update (the per-parameter step)")
+
+    def _kernel_step(self, g: Dict[str, Any], params: List[Tensor]) -> List[Tensor]:
+        """Update what a fused kernel can (one launch per bucket of ``_kernel_buckets``); return the rest, which
+        ``step`` updates one parameter at a time with aten ops. The default fused kernel updates nothing."""
+        return params
+
+    def _kernel_buckets(self, params: List[Tensor], op: str, key: Callable[[Tensor], Any],
+                        state_keys: Sequence[str] = ()) -> Tuple[Dict[Any, List[Tensor]], List[Tensor]]:
+        """Split params into buckets for the fused ``fusecc.kernels.optim`` kernel (by device, dtype and
+        ``key(p)``) and the rest: params the kernel cannot take (non-contiguous, a dtype it lacks, a gradient of
+        another dtype, a state without the tensors ``state_keys`` of p's dtype and shape), and the buckets that
+        the ``fusecc.kernels`` backend keeps on aten ("auto" on CPU tensors, "reference")."""
+        buckets: Dict[Any, List[Tensor]] = {}
+        rest: List[Tensor] = []
+        for p in params:
+            st = self.state[p]
+            ok = (p.dtype in _backend.SUPPORTED_DTYPES and p.is_contiguous() and p.grad.dtype == p.dtype
+                  and p.grad.layout == torch.strided and p.grad.shape == p.shape
+                  and (not st or all(k in st and st[k].dtype == p.dtype and st[k].shape == p.shape
+                                     and st[k].is_contiguous() for k in state_keys)))
+            if ok:
+                buckets.setdefault((p.device, p.dtype, key(p)), []).append(p)
+            else:
+                rest.append(p)
+        for k in list(buckets):
+            ps = buckets[k]
+            if not _backend.use_triton(ps + [p.grad for p in ps], None, op):
+                rest.extend(buckets.pop(k))
+        return buckets, rest
 
     def select(self, indices: Sequence[int], fused: Any) -> "FusedOptimizer":
         """The same optimizer narrowed to models ``indices`` of ``fused`` (made by ``FusedModule.select``), keeping
@@ -189,6 +223,23 @@ class SGD(FusedOptimizer):
             d = upd
         _axpy_(p, d, self._hp([-x for x in g["lr"]], p))
 
+    def _kernel_step(self, g: Dict[str, Any], params: List[Tensor]) -> List[Tensor]:
+        has_momentum = any(g["momentum"])
+        buckets, rest = self._kernel_buckets(
+            params, "sgd_step", lambda p: has_momentum and "momentum_buffer" not in self.state[p],
+            ("momentum_buffer",))
+        for (_, _, first), ps in buckets.items():
+            bufs = None
+            if has_momentum:
+                if first:  # the kernel writes buf = d, as torch's grad.clone()
+                    for p in ps:
+                        self.state[p]["momentum_buffer"] = _backend.new_empty_like(p)
+                bufs = [self.state[p]["momentum_buffer"] for p in ps]
+            _kernels.sgd_step(ps, [p.grad.contiguous() for p in ps], bufs, lr=g["lr"],
+                              weight_decay=g["weight_decay"], momentum=g["momentum"], dampening=g["dampening"],
+                              nesterov=g["nesterov"], maximize=g["maximize"], first_step=first, backend="triton")
+        return rest
+
 
 class Adam(FusedOptimizer):
     """Adam (L2 weight decay added to the gradient) with per-model lr, betas, eps and weight decay."""
@@ -241,6 +292,27 @@ class Adam(FusedOptimizer):
             p.addcdiv_(st["exp_avg"], denom, value=-step_size)
         else:
             p.addcdiv_(st["exp_avg"], denom.div_(step_size), value=-1.0)
+
+    def _kernel_step(self, g: Dict[str, Any], params: List[Tensor]) -> List[Tensor]:
+        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if g["amsgrad"] else ())
+        buckets, rest = self._kernel_buckets(
+            params, "adam_step", lambda p: float(self.state[p]["step"]) if self.state[p] else 0.0, keys)
+        for (_, _, step), ps in buckets.items():
+            for p in ps:
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    for k in keys:
+                        st[k] = torch.zeros_like(p)
+                st["step"] += 1
+            sts = [self.state[p] for p in ps]
+            _kernels.adam_step(ps, [p.grad.contiguous() for p in ps], [st["exp_avg"] for st in sts],
+                               [st["exp_avg_sq"] for st in sts],
+                               [st["max_exp_avg_sq"] for st in sts] if g["amsgrad"] else None,
+                               lr=g["lr"], beta1=g["beta1"], beta2=g["beta2"], eps=g["eps"],
+                               weight_decay=g["weight_decay"], decoupled=self._decoupled, step=step + 1,
+                               maximize=g["maximize"], backend="triton")
+        return rest
 
 
 class AdamW(Adam):

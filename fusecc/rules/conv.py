@@ -19,6 +19,11 @@ _CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _CONVT_FNS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
 
 
+def _zero(v, value: int = 0) -> bool:
+    """padding (or, with value=1, dilation) that is ``value`` in every dim."""
+    return not isinstance(v, str) and all(e == value for e in (v if isinstance(v, (tuple, list)) else (v,)))
+
+
 def conv(ctx, x: V, w: V, b, stride, padding, dilation, groups: int, nd: int) -> V:
     ch = x.rank - nd - 1  # channel dim: 1 for a batched input, 0 for an unbatched one
     if ch not in (0, 1):
@@ -31,7 +36,11 @@ def conv(ctx, x: V, w: V, b, stride, padding, dilation, groups: int, nd: int) ->
             y = ctx.call(lowering.stacked_conv, x, w, b, stride, padding, dilation, 1, nd)
             return ctx.out(y, Fo(ch))
         xf = ctx.folded(x, ch)
-        ctx.record(f"conv{nd}d", "grouped conv (groups = N*g)")
+        pointwise = nd == 2 and groups == 1 and tuple(w.meta.shape[-2:]) == (1, 1) and _zero(padding)
+        if ctx.triton and pointwise and _zero(dilation, 1):
+            ctx.record(f"conv{nd}d", "1x1 conv as a per-model GEMM, channels-last (Triton kernel)")
+        else:
+            ctx.record(f"conv{nd}d", "grouped conv (groups = N*g)")
         y = ctx.call(lowering.stacked_conv, xf, w, b, stride, padding, dilation, groups * ctx.n, nd)
         return ctx.out(y, Fo(ch))
     if b is not None and b.per_model:

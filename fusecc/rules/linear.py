@@ -20,15 +20,18 @@ from ..lower import Fo, S, V
 from .registry import Decline, arg, register_rule
 
 
+_KERNEL = {True: " (Triton kernel)", False: ""}
+
+
 def linear(ctx, x: V, w: V, b: V | None) -> V:
     if w.per_model:
         if b is not None and not b.per_model:
             b = ctx.stacked(b, 0)
         if not x.per_model:
-            ctx.record("linear", "wide GEMM (shared input, N weights concatenated)")
+            ctx.record("linear", "wide GEMM (shared input, N weights concatenated)" + _KERNEL[ctx.triton])
             return ctx.out(ctx.call(lowering.wide_linear, x, w, b), Fo(x.rank - 1))
         xs = ctx.stacked(x, 0)
-        ctx.record("linear", "batched GEMM (baddbmm)")
+        ctx.record("linear", "batched GEMM (Triton kernel)" if ctx.triton else "batched GEMM (baddbmm)")
         return ctx.out(ctx.call(lowering.batched_linear, xs, w, b), S(0))
     if b is not None and b.per_model:
         raise Decline("linear with a shared weight and a per-model bias")

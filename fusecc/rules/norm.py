@@ -130,7 +130,10 @@ def layer_norm(ctx, x: V, shape, w, b, eps, rms: bool = False) -> V:
         x = ctx.stacked(x)
     aff = _affine_shape(ctx, x, k, shape)
     w = _per_model(ctx, w)
-    ctx.record(kind, f"one {kind}, per-model affine as addcmul")
+    if ctx.triton and not rms and k == 1 and x.per_model and x.layout.kind == "S":
+        ctx.record(kind, "per-model layer_norm in one pass (Triton kernel)")
+    else:
+        ctx.record(kind, f"one {kind}, per-model affine as addcmul")
     if rms:
         y = ctx.call(lowering.rms_norm, x, shape, w, eps, aff)
     else:

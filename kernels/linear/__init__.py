@@ -1,0 +1,99 @@
+"""Per-model linear ``y[n] = act(x[n] @ W[n]^T + b[n])`` with the bias and the activation fused in the epilogue.
+
+``batched_linear`` takes one input per model (``[N, *, K]``); ``wide_linear`` one input shared by all models
+(``[*, K]``, read once) and returns the N outputs side by side (``[*, N*M]``, model-major). On CUDA tensors they
+run the Triton kernels (kernels/linear/triton.py); anywhere else the aten reference (``reference.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from .. import _backend
+from . import reference
+from .reference import ACTIVATIONS
+
+__all__ = ["batched_linear", "wide_linear", "ACTIVATIONS"]
+
+
+def _check(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, per_model: bool) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"fusecc.kernels.{op}: unknown activation {act!r}; expected one of {list(ACTIVATIONS)}")
+    if weight.dim() != 3:
+        raise ValueError(f"fusecc.kernels.{op}: weight must be [N, M, K], got shape {tuple(weight.shape)}")
+    n, m, k = weight.shape
+    want = "[N, *, K]" if per_model else "[*, K]"
+    if x.dim() < (2 if per_model else 1) or x.shape[-1] != k or (per_model and x.shape[0] != n):
+        raise ValueError(f"fusecc.kernels.{op}: x must be {want} with N={n}, K={k}, got shape {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (n, m):
+        raise ValueError(f"fusecc.kernels.{op}: bias must be [N, M] = [{n}, {m}], got shape {tuple(bias.shape)}")
+
+
+def _apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, shared: bool, interleaved: bool) -> Tensor:
+    from .function import LinearFunction
+    from .triton import ACT_CODES
+
+    return LinearFunction.apply(x, weight, bias, ACT_CODES[act], shared, interleaved)
+
+
+def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: str = "none", *,
+                   backend: Optional[str] = None) -> Tensor:
+    """Per-model linear on per-model inputs.
+
+    Args:
+        x: ``[N, *, K]``, model n's rows in ``x[n]``.
+        weight: ``[N, M, K]``.
+        bias: ``[N, M]`` or None.
+        act: epilogue activation, one of ``"none"``, ``"relu"``, ``"gelu"`` (erf), ``"silu"``.
+        backend: ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"reference"``; None: ``fusecc.kernels``' default.
+
+    Returns:
+        ``[N, *, M]``.
+
+    Examples::
+
+        >>> x, w, b = torch.randn(4, 8, 32), torch.randn(4, 16, 32), torch.randn(4, 16)
+        >>> batched_linear(x, w, b, "relu").shape
+        torch.Size([4, 8, 16])
+    """
+    _check("batched_linear", x, weight, bias, act, True)
+    n, m, k = weight.shape
+    lead = tuple(x.shape[1:-1])
+    x3 = x.reshape(n, -1, k)
+    if not _backend.use_triton([x, weight, bias], backend, "batched_linear"):
+        y = reference.batched_linear(x3, weight, bias, act)
+    else:
+        _backend.check_dtypes("batched_linear", x=x, weight=weight, bias=bias)
+        y = _apply(x3, weight, bias, act, False, False)
+    return y.reshape((n,) + lead + (m,))
+
+
+def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: str = "none", *,
+                backend: Optional[str] = None) -> Tensor:
+    """Per-model linear on ONE input shared by all models, read once.
+
+    Args:
+        x: ``[*, K]``, the same for every model.
+        weight: ``[N, M, K]``; bias ``[N, M]`` or None; act and backend as in :func:`batched_linear`.
+
+    Returns:
+        ``[*, N*M]``: model n's output in columns ``n*M:(n+1)*M``.
+
+    Examples::
+
+        >>> x, w = torch.randn(8, 32), torch.randn(4, 16, 32)
+        >>> wide_linear(x, w, None, "gelu").shape
+        torch.Size([8, 64])
+    """
+    _check("wide_linear", x, weight, bias, act, False)
+    n, m, k = weight.shape
+    lead = tuple(x.shape[:-1])
+    x2 = x.reshape(-1, k)
+    if not _backend.use_triton([x, weight, bias], backend, "wide_linear"):
+        y = reference.wide_linear(x2, weight, bias, act)
+    else:
+        _backend.check_dtypes("wide_linear", x=x, weight=weight, bias=bias)
+        y = _apply(x2, weight, bias, act, True, True).permute(1, 0, 2).reshape(x2.shape[0], n * m)
+    return y.reshape(lead + (n * m,))
