@@ -13,6 +13,7 @@ setup(
     packages=["fusecc", "fusecc.rules", "fusecc.optim", "fusecc.kernels"] + [f"fusecc.kernels.{op}" for op in _OPS],
     package_dir={"fusecc.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch==2.14.1", "numpy"],
+    install_requires=["torch==2.14.1", "numpy", "safetensors==0.8.0", "tqdm"],
+    entry_points={"console_scripts": ["fusecc = fusecc.cli:main"]},
     extras_require={"dev": ["pytest", "torchvision==0.29.1"], "bench": ["torchvision==0.29.1"]},
 )

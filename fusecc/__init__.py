@@ -3,7 +3,8 @@
 from . import optim, utils
 from .api import FusedModule, fuse
 from .errors import FusionError
+from .export import export
 from .utils import per_model_loss
 
 __version__ = "0.1.0"
-__all__ = ["FusedModule", "FusionError", "fuse", "optim", "per_model_loss", "utils", "__version__"]
+__all__ = ["FusedModule", "FusionError", "export", "fuse", "optim", "per_model_loss", "utils", "__version__"]

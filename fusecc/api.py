@@ -207,12 +207,7 @@ class FusedModule(nn.Module):
         return (tuple(sig), modes, dev), tensors
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        bound = self._bind(args, kwargs)
-        key, tensors = self._signature(bound)
-        entry = self._fusecc_compiled.get(key)
-        if entry is None:
-            entry = self._compile(key, bound)
-        self.__dict__["_fusecc_last"] = entry
+        entry, tensors = self._entry_for(args, kwargs)
         return entry.fn(self, *tensors)
 
     # ------------------------------------------------------------------ compiling
@@ -264,11 +259,18 @@ class FusedModule(nn.Module):
 
     def compile_for(self, *args: Any, **kwargs: Any) -> "FusedModule":
         """Compile for these example inputs now (instead of at the first call). Returns self."""
-        bound = self._bind(args, kwargs)
-        key, _ = self._signature(bound)
-        if key not in self._fusecc_compiled:
-            self.__dict__["_fusecc_last"] = self._compile(key, bound)
+        self._entry_for(args, kwargs)
         return self
+
+    def _entry_for(self, args: tuple, kwargs: dict) -> Tuple[_Compiled, List[Tensor]]:
+        """The compiled forward for these inputs (compiling it if new), and the tensors it takes."""
+        bound = self._bind(args, kwargs)
+        key, tensors = self._signature(bound)
+        entry = self._fusecc_compiled.get(key)
+        if entry is None:
+            entry = self._compile(key, bound)
+        self.__dict__["_fusecc_last"] = entry
+        return entry, tensors
 
     # ------------------------------------------------------------------ inspection
     @property
