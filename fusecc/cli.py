@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import shutil
 import statistics
 import sys
@@ -93,6 +94,17 @@ class Progress:
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
+        self._bars: list = []
+        if quiet:  # torch's own notes (e.g. AOTInductor's "No CUDA runtime is found") too
+            import logging
+
+            logging.getLogger("torch").setLevel(logging.ERROR)
+
+    def close(self) -> None:
+        """Clear unfinished bars (so an error line starts on a line of its own)."""
+        for b in self._bars:
+            b.close()
+        self._bars.clear()
 
     def say(self, msg: str) -> None:
         if not self.quiet:
@@ -101,7 +113,9 @@ class Progress:
     def bar(self, items: Sequence[Any], desc: str):
         from tqdm import tqdm
 
-        return tqdm(items, desc=f"fusecc: {desc}", disable=self.quiet, file=sys.stderr, leave=False)
+        bar = tqdm(items, desc=f"fusecc: {desc}", disable=self.quiet, file=sys.stderr, leave=False)
+        self._bars.append(bar)
+        return bar
 
 
 def load_factory(spec: str) -> Callable[..., nn.Module]:
@@ -123,7 +137,7 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
     except CLIError:
         raise
     except Exception as e:  # ImportError, or anything the user's module raises while importing
-        raise CLIError(f"--arch {spec}: cannot import {mod_name!r}: {type(e).__name__}: {e}") from e
+        raise CLIError(f"--arch {spec}: cannot import {mod_name!r}: {type(e).__name__}: {_first_line(e)}") from e
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -138,10 +152,18 @@ def build_model(factory: Callable[..., nn.Module], spec: str, kwargs: Dict[str, 
     try:
         model = factory(**kwargs)
     except Exception as e:
-        raise CLIError(f"--arch {spec}: calling it with {kwargs} failed: {type(e).__name__}: {e}") from e
+        raise CLIError(f"--arch {spec}: calling it with {kwargs} failed: {type(e).__name__}: {_first_line(e)}") from e
     if not isinstance(model, nn.Module):
         raise CLIError(f"--arch {spec} returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
+    return lines[0].strip() if lines else ""
 
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
@@ -161,11 +183,13 @@ def load_checkpoint(path: str) -> Dict[str, Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = _ANSI.sub("", str(e))
+        why = next((ln.strip() for ln in text.splitlines() if "WeightsUnpickler error" in ln), _first_line(e))
         raise CLIError(f"weights file {path!r} holds more than tensors, and torch.load(weights_only=True) refuses "
-                       f"to unpickle it ({first}); save model.state_dict() instead") from e
+                       f"to unpickle it ({why}); save model.state_dict() instead") from e
     except Exception as e:
-        raise CLIError(f"weights file {path!r} cannot be read: {type(e).__name__}: {e}") from e
+        raise CLIError(f"weights file {path!r} is not a PyTorch or safetensors checkpoint (loading it failed with "
+                       f"{type(e).__name__}: {_first_line(e)})") from e
     if isinstance(obj, dict) and not all(isinstance(v, Tensor) for v in obj.values()):
         for key in _NESTED_KEYS:  # {"state_dict": {...}, "epoch": 3, ...}
             if isinstance(obj.get(key), dict) and all(isinstance(v, Tensor) for v in obj[key].values()):
@@ -298,6 +322,8 @@ def _check_writable(path: str, what: str) -> None:
 def cmd_export(args: argparse.Namespace, progress: Progress) -> int:
     if args.triton_repo and args.format != "torchscript":
         raise _UsageError("--triton-repo needs --format torchscript (NVIDIA Triton's pytorch_libtorch backend)")
+    if args.name and not args.triton_repo:
+        raise _UsageError("--name names the model in a --triton-repo; give --triton-repo DIR too")
     out = args.output or f"fleet{SUFFIX[args.format]}"
     _check_writable(out, "-o/--output")
     if args.triton_repo:
@@ -311,25 +337,27 @@ def cmd_export(args: argparse.Namespace, progress: Progress) -> int:
     fused = fuse_models(models, args, inputs, progress)
     progress.say(f"exporting {args.format} to {out}" + (" (AOTInductor compiles C++: a minute or more)"
                                                        if args.format == "aoti" else ""))
-    try:
-        export(fused, inputs, out, args.format)
-    except Exception as e:
-        raise CLIError(f"export as {args.format} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    progress.say("verifying: loading the artifact back and comparing with the models run one by one")
-    try:
-        with torch.no_grad():
-            got = load(out, args.format)(*inputs)
-    except Exception as e:
-        os.unlink(out)
-        raise CLIError(f"the exported {args.format} artifact does not load and run (removed): "
-                       f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
-    err = relative_error(got, run_each(models, inputs, args.shared_input))
-    tol = VERIFY_TOL[DTYPES[args.dtype]]
-    if not err <= tol:
-        os.unlink(out)
-        raise CLIError(f"verification failed (artifact removed): max error {err:.3g} x max|output| against the "
-                       f"{len(models)} models, above {tol:g} for {args.dtype}")
-    print(f"wrote {out} ({args.format}, {_mib(os.path.getsize(out))}, {len(models)} models, input "
+    # written to a temporary file, verified there, renamed onto `out` only when it passed: a failed export or a
+    # failed check leaves whatever was at `out` before
+    with atomic_path(out, SUFFIX[args.format]) as tmp:
+        try:
+            export(fused, inputs, tmp, args.format)
+        except Exception as e:
+            raise CLIError(f"export as {args.format} failed: {type(e).__name__}: {_first_line(e)}") from e
+        progress.say("verifying: loading the artifact back and comparing with the models run one by one")
+        try:
+            with torch.no_grad():
+                got = load(tmp, args.format)(*inputs)
+        except Exception as e:
+            raise CLIError(f"the exported {args.format} artifact does not load and run (not written): "
+                           f"{type(e).__name__}: {_first_line(e)}") from e
+        err = relative_error(got, run_each(models, inputs, args.shared_input))
+        tol = VERIFY_TOL[DTYPES[args.dtype]]
+        if not err <= tol:
+            raise CLIError(f"verification failed (not written): max error {err:.3g} x max|output| against the "
+                           f"{len(models)} models, above {tol:g} for {args.dtype}")
+        size = os.path.getsize(tmp)
+    print(f"wrote {out} ({args.format}, {_mib(size)}, {len(models)} models, input "
           f"{' '.join('x'.join(map(str, t.shape)) for t in inputs)}); verified against the {len(models)} models run "
           f"one by one: max error {err:.2e} x max|output|")
     if args.triton_repo:
@@ -440,7 +468,7 @@ def cmd_inspect(args: argparse.Namespace, progress: Progress) -> int:
     for qual, typ, why in rep.fallbacks:
         print(f"{qual + ' (' + typ + ')':<24} {'loop':>5}  fallback loop over the {n} models: {why}")
     if rep.conversions:
-        print(f"layout conversions per forward: "
+        print("layout conversions per forward: "
               + ", ".join(f"{k} {c}" for k, c in sorted(rep.conversions.items())))
     print(f"fallbacks: {len(rep.fallbacks) or 'none'}")
     print()
@@ -556,6 +584,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _UsageError as e:
         parser.error(str(e))
     except CLIError as e:
+        progress.close()
         print(f"fusecc: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

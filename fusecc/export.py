@@ -49,6 +49,9 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the artifact gets the usual mode (a server may read it)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -95,7 +98,8 @@ def export(fused: FusedModule, example_inputs: Sequence[Any], path: str, format:
         with atomic_path(path, SUFFIX[format]) as tmp:
             if format == "torchscript":
                 with torch.no_grad(), _quiet_jit():
-                    traced = torch.jit.trace(module, tuple(tensors), check_trace=False)
+                    # strict=False: outputs may be dicts and lists, as the model's own are
+                    traced = torch.jit.trace(module, tuple(tensors), check_trace=False, strict=False)
                     torch.jit.save(traced, tmp)
             else:
                 program = torch.export.export(module, tuple(tensors))
