@@ -15,6 +15,7 @@ from torch import Tensor
 from . import rules as _rules  # noqa: F401  (registers every rule)
 from .check import check_models
 from .errors import FusionError
+from .choose import Chooser
 from .epilogue import fuse_activations
 from .lower import Lowerer, Report, S, codegen, eliminate_dead_code, source_line
 from .trace import shape_prop, trace
@@ -56,6 +57,7 @@ class FusedModule(nn.Module):
         models: Sequence[nn.Module],
         shared_inputs: Union[bool, Iterable[str]] = False,
         leaf_modules: Sequence[Any] = (),
+        tune: bool = False,
     ):
         super().__init__()
         models = check_models(models)
@@ -67,6 +69,7 @@ class FusedModule(nn.Module):
         self.__dict__["_fusecc_templates"] = {}
         self.__dict__["_fusecc_compiled"] = {}
         self.__dict__["_fusecc_last"] = None
+        self.__dict__["_fusecc_chooser"] = Chooser(tune=tune)
         self._fusecc_traced_consts: List[str] = []
         self._fusecc_source = type(ref).__qualname__
         self._fusecc_leaf_modules = tuple(leaf_modules)
@@ -416,6 +419,7 @@ def fuse(
     shared_inputs: Union[bool, Iterable[str]] = False,
     example_inputs: Optional[Union[Tensor, tuple, dict]] = None,
     leaf_modules: Sequence[Any] = (),
+    tune: bool = False,
 ) -> FusedModule:
     """Fuse N models of one architecture that differ only in their weights into ONE module.
 
@@ -428,6 +432,10 @@ def fuse(
             arguments, or a dict of keyword arguments). Without them, the module compiles at its first call.
         leaf_modules: module classes or qualnames that torch.fx should not trace into; those without a fusion rule
             run as a loop over the N models.
+        tune: time the candidate lowerings of each layer that has several (conv: grouped NCHW, grouped
+            channels-last, per-model loop) on its real shapes, once, and keep the fastest; the choices are cached on
+            disk (``$FUSECC_CACHE_DIR`` or ``~/.cache/fusecc``), so fusing the same fleet again costs no timing.
+            Without it a built-in rule picks. ``print(fused)`` lists the choice per layer.
 
     Returns:
         A :class:`FusedModule`. ``fused(x)`` with ``x`` of shape ``[N, B, ...]`` returns ``[N, B, ...]`` where
@@ -439,7 +447,7 @@ def fuse(
         fused = fusecc.fuse(models)
         y = fused(torch.randn(8, 4, 3, 64, 64))   # [8, 4, 10]
     """
-    fused = FusedModule(models, shared_inputs=shared_inputs, leaf_modules=leaf_modules)
+    fused = FusedModule(models, shared_inputs=shared_inputs, leaf_modules=leaf_modules, tune=tune)
     if example_inputs is not None:
         if isinstance(example_inputs, dict):
             fused.compile_for(**example_inputs)

@@ -263,7 +263,7 @@ def fuse_models(models: List[nn.Module], args: argparse.Namespace, inputs: Tuple
                 progress: Progress) -> FusedModule:
     progress.say(f"tracing and fusing {len(models)} models")
     try:
-        fused = fuse(models, shared_inputs=args.shared_input).eval()
+        fused = fuse(models, shared_inputs=args.shared_input, tune=args.tune).eval()
         fused.compile_for(*inputs)
     except FusionError as e:
         raise CLIError(f"cannot fuse --arch {args.arch}: " + " ".join(str(e).split("\n")[:2])) from e
@@ -543,6 +543,8 @@ def _common(p: argparse.ArgumentParser, need_input: bool = True) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation and example inputs")
+    p.add_argument("--tune", action="store_true",
+                   help="time each layer's candidate lowerings once and keep the fastest (cached on disk)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 

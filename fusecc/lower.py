@@ -112,6 +112,7 @@ class Report:
         self.ops: Counter = Counter()  # (kind, lowering) -> count
         self.conversions: Counter = Counter()  # conversion kind -> count
         self.fallbacks: List[Tuple[str, str, str]] = []  # (qualname, type, reason)
+        self.choices: List[Tuple[str, str, str, str]] = []  # (layer, kind, lowering picked, "rule" / timings)
 
     def record(self, kind: str, how: str) -> None:
         self.ops[(kind, how)] += 1
@@ -126,6 +127,10 @@ class Report:
         if self.conversions:
             conv = ", ".join(f"{k} {c}" for k, c in sorted(self.conversions.items()))
             lines.append(f"    layout conversions: {conv}")
+        if self.choices:
+            lines.append("  per-layer lowering choices:")
+            for layer, kind, how, why in self.choices:
+                lines.append(f"    {layer:<28} {how}  ({why})")
         if self.fallbacks:
             lines.append("  fallbacks (run as a loop over the N models):")
             for q, t, why in self.fallbacks:
@@ -171,16 +176,20 @@ class Lowerer:
         self.report = Report()
         self.node: Optional[fx.Node] = None  # the original node being lowered
         self._triton: Optional[bool] = None
+        from .choose import Chooser
+
+        self.chooser: Chooser = getattr(fused, "_fusecc_chooser", None) or Chooser()
 
     @property
     def triton(self) -> bool:
-        """Whether the fused ops with a Triton kernel will run it (parameters on CUDA, backend not forced to the
-        reference, when compiling); the report says so. The choice itself is made at each call, in fusecc.kernels."""
+        """Whether the fused ops with a Triton kernel will run it (parameters on CUDA and the backend not forced to
+        the reference, or the backend forced to Triton, when compiling): the report says so, and lowerings that would
+        bypass a kernel are not chosen. The backend itself is picked at each call, in fusecc.kernels."""
         if self._triton is None:
             from fusecc.kernels._backend import use_triton
 
             p = next(iter(self.fused.parameters()), None)
-            self._triton = p is not None and p.is_cuda and use_triton([p])
+            self._triton = p is not None and use_triton([p])  # (CPU tensors too when forced: the interpreter)
         return self._triton
 
     # ------------------------------------------------------------------ emission
@@ -222,8 +231,18 @@ class Lowerer:
         node = node or self.node
         return V(new, layout, node.meta.get("fusecc_pm"))
 
-    def record(self, kind: str, how: str) -> None:
+    def record(self, kind: str, how: str, why: Optional[str] = None) -> None:
+        """Count a fused op; ``why`` marks a per-layer lowering choice (rule or measurement), listed per layer."""
         self.report.record(kind, how)
+        if why is not None:
+            node = self.node
+            layer = node.target if node is not None and node.op == "call_module" else getattr(node, "name", "?")
+            self.report.choices.append((str(layer), kind, how, why))
+
+    @property
+    def device(self) -> torch.device:
+        p = next(iter(self.fused.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
 
     # ------------------------------------------------------------------ parameters
     def param(self, qualname: str) -> Optional[V]:

@@ -55,13 +55,25 @@ def stacked_conv(
     dilation: Any,
     groups: int,
     nd: int,
+    impl: str = "grouped",
 ) -> Tensor:
     """Convolution with stacked weights ``[N, Cout, Cin/g, *k]`` as ONE conv with ``N*Cout`` output channels.
 
     ``groups`` is the conv's own group count: ``N*g`` for a folded input ``[B, N*Cin, *sp]`` (grouped conv,
     model n reads only its own channels) or ``g`` (=1) for a shared input ``[B, Cin, *sp]`` (wide conv).
+    ``impl`` (fusecc/choose.py picks it per layer) runs the same maths as:
+
+    - ``"grouped"``: ONE grouped conv on NCHW data;
+    - ``"channels_last"``: the same conv on channels-last data (its output stays channels-last);
+    - ``"loop"``: N ordinary convs over the models' channel slices, concatenated.
     """
     n = weight.shape[0]
+    if impl == "loop":
+        return _conv_loop(x, weight, bias, stride, padding, dilation, groups, nd)
+    if impl == "channels_last" and x.dim() in (4, 5):
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    elif impl == "grouped":
+        x = x.contiguous()
     if (nd == 2 and tuple(weight.shape[-2:]) == (1, 1) and _all_eq(padding, 0) and _all_eq(dilation, 1)
             and (groups == n or groups == 1) and x.dim() == 4 and not isinstance(stride, str)):
         # a 1x1 conv per model (groups = N) or of a shared input (groups = 1): the per-model GEMM kernel on CUDA,
@@ -71,6 +83,22 @@ def stacked_conv(
     b = None if bias is None else bias.flatten()
     conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
     return conv(x, w, b, stride, padding, dilation, groups)
+
+
+def _conv_loop(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Any, padding: Any, dilation: Any,
+               groups: int, nd: int) -> Tensor:
+    """N ordinary convs, model i on its channel slice of the folded x (or all of a shared x), outputs concatenated."""
+    n = weight.shape[0]
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    shared = groups == 1 and n > 1
+    g = 1 if shared else groups // n
+    cin = x.shape[1] if shared else x.shape[1] // n
+    outs = [
+        conv(x if shared else x[:, i * cin:(i + 1) * cin], weight[i], None if bias is None else bias[i], stride,
+             padding, dilation, g)
+        for i in range(n)
+    ]
+    return torch.cat(outs, 1)
 
 
 def _all_eq(v: Any, value: int) -> bool:

@@ -78,10 +78,14 @@ def test_gradients_match_models(name, mode, dtype):
     g = torch.randn_like(ref)
     y.backward(g)
     ref.backward(g)
-    eps = 1e-5 if dtype == torch.float32 else 1e-12  # relative to each gradient's scale (sums of many terms)
+    eps = 1e-5 if dtype == torch.float32 else 1e-12  # relative to the gradients' scale (sums of many terms)
+    wants = {pname: torch.stack([m.get_parameter(pname).grad for m in models]) for pname, _ in fused.named_parameters()}
+    # a conv bias before a train-mode BatchNorm has a gradient of exactly 0 in theory: what both runs compute is the
+    # rounding noise of summing the output gradient, so its scale is the model's largest gradient, not its own
+    scale = max(w.abs().max().item() for w in wants.values())
     for pname, p in fused.named_parameters():
-        want = torch.stack([m.get_parameter(pname).grad for m in models])
-        atol = eps * want.abs().max().item()
+        want = wants[pname]
+        atol = eps * max(want.abs().max().item(), 1e-3 * scale)
         torch.testing.assert_close(p.grad, want, rtol=10 * eps, atol=atol, msg=lambda m: f"{pname}.grad: {m}")
     for bname, b in fused.named_buffers():
         if "running" in bname:

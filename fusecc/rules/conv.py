@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import lowering
+from .. import choose, lowering
 from ..lower import Fo, S, V
 from .registry import Decline, arg, const, register_rule
 
@@ -39,9 +39,18 @@ def conv(ctx, x: V, w: V, b, stride, padding, dilation, groups: int, nd: int) ->
         pointwise = nd == 2 and groups == 1 and tuple(w.meta.shape[-2:]) == (1, 1) and _zero(padding)
         if ctx.triton and pointwise and _zero(dilation, 1):
             ctx.record(f"conv{nd}d", "1x1 conv as a per-model GEMM, channels-last (Triton kernel)")
+            impl = "grouped"
+        elif ch == 1:  # batched input: pick a lowering for this layer (fusecc/choose.py)
+            x_shape = list(xf.meta.shape)
+            x_shape[1] *= ctx.n
+            w_shape = [ctx.n] + list(w.meta.shape)
+            impl, why = ctx.chooser.conv(x_shape, w_shape, b is not None, stride, padding, dilation, groups * ctx.n,
+                                         nd, w.meta.dtype, ctx.device)
+            ctx.record(f"conv{nd}d", choose.CONV_HOW[impl], why)
         else:
+            impl = "grouped"
             ctx.record(f"conv{nd}d", "grouped conv (groups = N*g)")
-        y = ctx.call(lowering.stacked_conv, xf, w, b, stride, padding, dilation, groups * ctx.n, nd)
+        y = ctx.call(lowering.stacked_conv, xf, w, b, stride, padding, dilation, groups * ctx.n, nd, impl)
         return ctx.out(y, Fo(ch))
     if b is not None and b.per_model:
         raise Decline("conv with a shared weight and a per-model bias")

@@ -1,0 +1,169 @@
+"""Per-layer lowering choice: which of several equivalent lowerings runs a fused op.
+
+A fused conv can run as ONE grouped conv (NCHW), the same grouped conv on channels-last data, or a loop of N
+ordinary convs over the models' channel slices; which is fastest depends on the layer's shape and the backend
+(oneDNN's grouped conv is up to 4x slower than the loop on 1x1 maps with 512 channels, and channels-last is 2.5x
+faster for 1x1 convs; measured with ``bench/bench_conv_choice.py``). Two ways to choose:
+
+- a built-in rule (``conv_rule``), from those measurements, used by default;
+- ``fusecc.fuse(models, tune=True)``: time every candidate once on the layer's real shapes (random data, forward
+  pass, median of a few runs) and keep the fastest. Choices are cached on disk (``$FUSECC_CACHE_DIR`` or
+  ``~/.cache/fusecc/tune.json``) keyed by op, shapes, dtype, device, thread count and library versions, so the
+  next ``fuse`` of the same fleet does no timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import lowering
+
+CONV_HOW = {
+    "grouped": "grouped conv (groups = N*g)",
+    "channels_last": "grouped conv, channels-last",
+    "loop": "per-model loop (N convs)",
+}
+
+
+def conv_candidates(nd: int) -> List[str]:
+    return ["grouped", "channels_last", "loop"] if nd == 2 else ["grouped", "loop"]
+
+
+def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _pairs(v: Any, nd: int) -> Tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
+
+
+def conv_rule(device: torch.device, x_shape: Sequence[int], w_shape: Sequence[int], stride: Any, padding: Any,
+              dilation: Any, nd: int) -> str:
+    """The built-in choice for a per-model conv (x ``[B, N*Cin, *sp]``, w ``[N, Cout, Cin/g, *k]``).
+
+    From measurements of oneDNN on this project's CPUs (2 threads, N=8, batch 8, resnet18 shapes):
+
+    - output maps of one pixel with >= 128 input channels per model, or of <= 4 pixels with >= 256: the loop (the
+      grouped conv runs up to 4x slower);
+    - 1x1 convs and convs over maps of >= 8x8 with <= 64 input channels per group: channels-last (1.1-2.5x);
+    - everything else: the NCHW grouped conv.
+
+    On other devices the grouped conv (cuDNN's, or the 1x1 Triton kernel on CUDA); ``tune=True`` measures instead.
+    """
+    if device.type != "cpu" or nd != 2:
+        return "grouped"
+    n = w_shape[0]
+    cin = x_shape[1] // n
+    ks = tuple(w_shape[3:])
+    if isinstance(padding, str):
+        return "grouped"
+    st, pd, dl = _pairs(stride, nd), _pairs(padding, nd), _pairs(dilation, nd)
+    out = [_out_size(x_shape[2 + i], ks[i], st[i], pd[i], dl[i]) for i in range(nd)]
+    pixels = out[0] * out[1]
+    if pixels == 1 and cin >= 128 or pixels <= 4 and cin >= 256:
+        return "loop"
+    if all(k == 1 for k in ks) and all(p == 0 for p in pd):
+        return "channels_last"
+    if all(s >= 8 for s in x_shape[2:]) and w_shape[2] <= 64:
+        return "channels_last"
+    return "grouped"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measuring, with an on-disk cache
+
+
+def cache_path() -> str:
+    root = os.environ.get("FUSECC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fusecc")
+    return os.path.join(root, "tune.json")
+
+
+def _versions() -> str:
+    from . import __version__
+
+    return f"fusecc {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+class TuneCache:
+    """{key: {"pick": name, "ms": {name: ms}}} in one JSON file, written atomically after every new entry."""
+
+    def __init__(self, path: Optional[str] = None):
+        self.path = path or cache_path()
+        self.entries: Dict[str, Dict[str, Any]] = {}
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            if isinstance(data, dict):
+                self.entries = data
+        except (OSError, ValueError):  # absent or unreadable: start empty (it is only a cache)
+            pass
+
+    def get(self, key: str) -> Optional[Dict[str, Any]]:
+        return self.entries.get(key)
+
+    def put(self, key: str, value: Dict[str, Any]) -> None:
+        self.entries[key] = value
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.entries, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError:  # a read-only home: the choice still holds for this process
+            pass
+
+
+def time_candidates(fns: Dict[str, Callable[[], Any]], reps: int = 5) -> Dict[str, float]:
+    """Median milliseconds of each candidate, runs interleaved (after one warm-up each) so noise hits all alike."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        for _ in range(reps):
+            for k, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class Chooser:
+    """Picks a lowering per layer, by rule or (tune=True) by measurement; remembers what it measured."""
+
+    def __init__(self, tune: bool = False, cache: Optional[TuneCache] = None):
+        self.tune = tune
+        self._cache = cache
+        self.measured = 0  # candidates timed in this compile (0 when every choice came from the cache)
+
+    @property
+    def cache(self) -> TuneCache:
+        if self._cache is None:
+            self._cache = TuneCache()
+        return self._cache
+
+    def conv(self, x_shape: Sequence[int], w_shape: Sequence[int], has_bias: bool, stride: Any, padding: Any,
+             dilation: Any, groups: int, nd: int, dtype: torch.dtype, device: torch.device) -> Tuple[str, str]:
+        """(choice, why) for a per-model conv on the folded input of fused shape ``x_shape``."""
+        if not self.tune:
+            return conv_rule(device, x_shape, w_shape, stride, padding, dilation, nd), "rule"
+        key = json.dumps(["conv", list(x_shape), list(w_shape), has_bias, stride, padding, dilation, groups, nd,
+                          str(dtype), str(device), _versions()])
+        hit = self.cache.get(key)
+        if hit is None:
+            x = torch.randn(tuple(x_shape), dtype=dtype, device=device)
+            w = torch.randn(tuple(w_shape), dtype=dtype, device=device)
+            b = torch.randn(tuple(w_shape[:2]), dtype=dtype, device=device) if has_bias else None
+            fns = {c: (lambda c=c: lowering.stacked_conv(x, w, b, stride, padding, dilation, groups, nd, impl=c))
+                   for c in conv_candidates(nd)}
+            ms = time_candidates(fns)
+            self.measured += len(fns)
+            hit = {"pick": min(ms, key=ms.get), "ms": {k: round(v, 4) for k, v in ms.items()}}
+            self.cache.put(key, hit)
+        ms = hit["ms"]
+        return hit["pick"], "tuned: " + ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(ms.items(), key=lambda i: i[1]))
