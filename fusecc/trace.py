@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import traceback
 from typing import Any, Dict, Sequence, Tuple, Type
 
@@ -11,6 +12,40 @@ import torch.nn as nn
 
 from .errors import FusionError
 from .lower import to_meta
+
+
+def _encoder_layer_forward(self: nn.TransformerEncoderLayer, src: torch.Tensor, src_mask: Any = None,
+                           src_key_padding_mask: Any = None, is_causal: bool = False) -> torch.Tensor:
+    """``nn.TransformerEncoderLayer.forward``'s own slow path, which torch.fx can trace.
+
+    The layer's fast path (an inference-only fused kernel of the same maths) and its checks on tensor properties
+    cannot be traced; the masks go to ``self_attn`` as given, which canonicalises them exactly as the layer would.
+    """
+    x = src
+    if self.norm_first:
+        x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        x = x + self._ff_block(self.norm2(x))
+    else:
+        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+        x = self.norm2(x + self._ff_block(x))
+    return x
+
+
+def _encoder_forward(self: nn.TransformerEncoder, src: torch.Tensor, mask: Any = None,
+                     src_key_padding_mask: Any = None, is_causal: Any = None) -> torch.Tensor:
+    """``nn.TransformerEncoder.forward`` without its nested-tensor fast path. ``is_causal`` is only a hint next to the
+    mask (the mask is applied either way), so an undetected causal mask changes nothing but speed."""
+    output = src
+    for mod in self.layers:
+        output = mod(output, src_mask=mask, is_causal=bool(is_causal), src_key_padding_mask=src_key_padding_mask)
+    if self.norm is not None:
+        output = self.norm(output)
+    return output
+
+
+# torch.nn modules whose forward cannot be traced as written (fast paths branching on tensor properties), traced
+# through these equivalent forwards instead, so their submodules (attention, linears, norms) fuse by their rules
+TRACEABLE_FORWARDS = {nn.TransformerEncoderLayer: _encoder_layer_forward, nn.TransformerEncoder: _encoder_forward}
 
 
 class FuseTracer(fx.Tracer):
@@ -26,7 +61,15 @@ class FuseTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
+        if type(m) in TRACEABLE_FORWARDS:
+            return False
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        fwd = TRACEABLE_FORWARDS.get(type(m))
+        if fwd is not None and not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = functools.partial(fwd, m)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -43,7 +86,12 @@ def trace(
     types = tuple(t for t in leaf_modules if isinstance(t, type))
     names = [t for t in leaf_modules if isinstance(t, str)]
     tracer = FuseTracer(types, names, stack_traces)
+    cls = type(model)
+    fwd = TRACEABLE_FORWARDS.get(cls)
     try:
+        if fwd is not None and not tracer.is_leaf_module(model, ""):
+            # the root itself: trace the equivalent forward (the tracer reads type(root).forward), on our own copy
+            model.__class__ = type(cls.__name__, (cls,), {"forward": fwd, "__module__": cls.__module__})
         graph = tracer.trace(model, concrete_args=concrete_args or None)
     except Exception as e:
         raise FusionError(
@@ -53,7 +101,9 @@ def trace(
             "leaf (fuse(..., leaf_modules=[TheModuleClass or 'its.qualname']): it then runs as a loop over the N "
             "models), or turn the Python values it branches on into constant (non-tensor) forward arguments."
         ) from e
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    finally:
+        model.__class__ = cls
+    return fx.GraphModule(tracer.root, graph, cls.__name__)
 
 
 class _ShapeProp(fx.Interpreter):

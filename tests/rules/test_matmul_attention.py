@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fusecc
 from tests.utils import assert_models_independent, check_fused, make_models
 
 B, T, K = 2, 5, 7
@@ -509,3 +510,39 @@ def test_models_are_independent(attn):
         fused.head.bias[j].add_(1.0)
 
     assert_models_independent(fused, (x,), perturb, j=2)
+
+
+# nn.TransformerEncoder / nn.TransformerEncoderLayer: traced through their slow path (fusecc/trace.py), so attention,
+# linears, norms and dropout fuse by their rules; no fallback loop
+
+def _encoder(norm_first=False, activation="relu", final_norm=False, batch_first=True):
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, activation=activation, batch_first=batch_first,
+                                       norm_first=norm_first)
+    return nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16) if final_norm else None,
+                                 enable_nested_tensor=False)
+
+
+@pytest.mark.parametrize("norm_first,activation,final_norm", [(False, "relu", False), (True, "gelu", True)])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_transformer_encoder(norm_first, activation, final_norm, train, n):
+    models = [m.train(train) for m in make_models(lambda: _encoder(norm_first, activation, final_norm), n)]
+    fused = check_fused(models, (torch.randn(n, 2, 5, 16),))
+    rep = fused.fusion_report
+    assert not rep.fallbacks
+    assert rep.count("multihead_attention") == 2 and rep.count("linear") == 4 and rep.count("layer_norm") >= 4
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_transformer_encoder_layer_alone_with_padding_mask(shared):
+    """The layer as the root module, not batch-first, with a key padding mask shared by the models."""
+    n = 3
+    models = make_models(lambda: nn.TransformerEncoderLayer(16, 2, 24, dropout=0.0), n)
+    x = torch.randn(5, 2, 16) if shared else torch.randn(n, 5, 2, 16)
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[1, 3:] = True
+    fused = fusecc.fuse(models, shared_inputs=["src_key_padding_mask"] + (["src"] if shared else []))
+    y = fused(x, src_key_padding_mask=kpm)
+    ref = torch.stack([m(x if shared else x[i], src_key_padding_mask=kpm) for i, m in enumerate(models)])
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert not fused.fusion_report.fallbacks
