@@ -214,6 +214,7 @@ class FusedModule(nn.Module):
         return entry.fn(self, *tensors)
 
     # ------------------------------------------------------------------ compiling
+    @torch.compiler.disable  # under torch.compile(fused): trace, lower (and tune) eagerly, then trace the result
     def _compile(self, key: tuple, bound: List[Tuple[str, Any]]) -> _Compiled:
         proto = self._fusecc_proto
         ref = self._ref_tensor()

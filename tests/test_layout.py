@@ -1,0 +1,59 @@
+"""Layout planning regressions: how many copies the fused forward makes to move the model dim around.
+
+The oracle is no worse than today's plan: resnet18 keeps its activations folded ``[B, N*C, H, W]`` from the input
+fold to the pooled features (4 copies: the input fold, and the channels-last <-> NCHW switches between layers whose
+picked lowerings want different memory formats); the MLP keeps ``[N, B, K]`` end to end (no copy at all).
+"""
+
+from collections import Counter
+
+import torch
+import torch.nn as nn
+import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusecc
+
+from .utils import make_models
+
+COPIES = ("aten.clone.default", "aten.copy_.default", "aten._to_copy.default", "aten.contiguous.default")
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count(fused, x):
+    with torch.no_grad():
+        fused(x)
+        with _CountOps() as c:
+            fused(x)
+    return c.ops
+
+
+def test_resnet18_layout_copies():
+    fused = fusecc.fuse(make_models(lambda: torchvision.models.resnet18(num_classes=10), 2)).eval()
+    ops = _count(fused, torch.randn(2, 2, 3, 32, 32))
+    copies = sum(ops[k] for k in COPIES)
+    assert copies <= 4, {k: ops[k] for k in COPIES}
+    # the per-model-loop convs concatenate their N outputs: one cat each, and no other cat
+    assert ops["aten.cat.default"] == fused.fusion_report.count("conv2d", "per-model loop (N convs)")
+    assert fused.fusion_report.conversions == {"fold": 1, "movedim": 2, "unfold": 1}
+
+
+def test_mlp_has_no_layout_copy():
+    def mlp():
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                             nn.Linear(512, 10))
+
+    fused = fusecc.fuse(make_models(mlp, 3)).eval()
+    ops = _count(fused, torch.randn(3, 8, 1, 28, 28))
+    assert sum(ops[k] for k in COPIES) == 0, dict(ops)
+    assert not fused.fusion_report.conversions
+    assert ops["aten.baddbmm.default"] == 3  # one batched GEMM per layer, relu on its output
