@@ -214,7 +214,10 @@ class FusedModule(nn.Module):
         return entry.fn(self, *tensors)
 
     # ------------------------------------------------------------------ compiling
-    @torch.compiler.disable  # under torch.compile(fused): trace, lower (and tune) eagerly, then trace the result
+    # under torch.compile(fused), fusecc's own compile (trace, lower, tune) runs eagerly and dynamo traces its result.
+    # torch._disable_dynamo imports torch._dynamo only when first called (torch.compiler.disable would import it, and
+    # triton with it, at `import fusecc`); the compile's FakeTensorMode imports it then anyway.
+    @torch._disable_dynamo
     def _compile(self, key: tuple, bound: List[Tuple[str, Any]]) -> _Compiled:
         proto = self._fusecc_proto
         ref = self._ref_tensor()

@@ -31,6 +31,9 @@ CONV_HOW = {
 }
 
 
+LINEAR_HOW = {"bmm": "batched GEMM (baddbmm)", "loop": "per-model loop (N GEMMs)"}
+
+
 def conv_candidates(nd: int) -> List[str]:
     return ["grouped", "channels_last", "loop"] if nd == 2 else ["grouped", "loop"]
 
@@ -146,6 +149,34 @@ class Chooser:
         if self._cache is None:
             self._cache = TuneCache()
         return self._cache
+
+    def linear(self, x_shape: Sequence[int], w_shape: Sequence[int], has_bias: bool, training: bool,
+               dtype: torch.dtype, device: torch.device) -> Tuple[str, str]:
+        """(choice, why) for a per-model linear on x of fused shape ``[N, *, K]``; with ``training`` the timing
+        includes the backward pass (where batched and looped GEMMs differ most)."""
+        if not self.tune:
+            return "bmm", "rule"
+        key = json.dumps(["linear", list(x_shape), list(w_shape), has_bias, training, str(dtype), str(device),
+                          _versions()])
+        hit = self.cache.get(key)
+        if hit is None:
+            x = torch.randn(tuple(x_shape), dtype=dtype, device=device)
+            w = torch.randn(tuple(w_shape), dtype=dtype, device=device, requires_grad=training)
+            b = torch.randn(tuple(w_shape[:2]), dtype=dtype, device=device, requires_grad=training) if has_bias \
+                else None
+
+            def run(impl: str) -> None:
+                with torch.enable_grad():
+                    y = lowering.batched_linear(x, w, b, "none", impl)
+                    if training:
+                        y.backward(torch.ones_like(y))
+
+            ms = time_candidates({c: (lambda c=c: run(c)) for c in LINEAR_HOW})
+            self.measured += len(LINEAR_HOW)
+            hit = {"pick": min(ms, key=ms.get), "ms": {k: round(v, 4) for k, v in ms.items()}}
+            self.cache.put(key, hit)
+        return hit["pick"], "tuned: " + ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(hit["ms"].items(),
+                                                                                       key=lambda i: i[1]))
 
     def conv(self, x_shape: Sequence[int], w_shape: Sequence[int], has_bias: bool, stride: Any, padding: Any,
              dilation: Any, groups: int, nd: int, dtype: torch.dtype, device: torch.device) -> Tuple[str, str]:

@@ -51,7 +51,7 @@ def fuse_activations(graph: fx.Graph, root: nn.Module, report: Optional[Report] 
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _LINEARS or len(node.users) != 1:
             continue
-        if len(node.args) != 3 or node.kwargs:  # already has an activation
+        if len(node.args) != 3 or set(node.kwargs) - {"impl"}:  # already has an activation
             continue
         user = next(iter(node.users))
         act = _activation(user, root, node)

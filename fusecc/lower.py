@@ -240,6 +240,18 @@ class Lowerer:
             self.report.choices.append((str(layer), kind, how, why))
 
     @property
+    def grad_needed(self) -> bool:
+        """Whether the layer being lowered trains (its module, or the fused module, is in training mode)."""
+        node = self.node
+        mod = self.fused
+        if node is not None and node.op == "call_module":
+            try:
+                mod = self.fused.get_submodule(node.target)
+            except AttributeError:
+                pass
+        return bool(mod.training)
+
+    @property
     def device(self) -> torch.device:
         p = next(iter(self.fused.parameters()), None)
         return p.device if p is not None else torch.device("cpu")

@@ -20,17 +20,24 @@ from torch import Tensor
 from fusecc.kernels import conv1x1 as kernels_conv1x1
 from fusecc.kernels import layer_norm as kernels_layer_norm
 from fusecc.kernels import linear as kernels_linear
+from fusecc.kernels.linear import reference as _linear_reference  # noqa: F401  (kernels_linear.reference)
 
 # ----------------------------------------------------------------------------------------------------------------
 # linear family
 
 
-def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "none") -> Tensor:
+def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "none", impl: str = "bmm") -> Tensor:
     """Per-model linear: ``y[n] = act(x[n] @ weight[n]^T + bias[n])``.
 
-    x ``[N, *, K]``, weight ``[N, M, K]``, bias ``[N, M]`` or None -> ``[N, *, M]``. The Triton kernel on CUDA
-    (bias and activation in its epilogue), ``baddbmm`` elsewhere (fusecc.kernels.linear).
+    x ``[N, *, K]``, weight ``[N, M, K]``, bias ``[N, M]`` or None -> ``[N, *, M]``. ``impl`` "bmm": the Triton kernel
+    on CUDA (bias and activation in its epilogue), ``baddbmm`` elsewhere (fusecc.kernels.linear); "loop": N
+    ``F.linear`` calls, stacked (fusecc/choose.py picks it per layer when it measures faster).
     """
+    if impl == "loop":
+        # unbind, not x[i]: the backward of N unbinds is one stack, of N indexings N full-size scatters
+        bs = [None] * weight.shape[0] if bias is None else bias.unbind(0)
+        y = torch.stack([F.linear(xi, wi, bi) for xi, wi, bi in zip(x.unbind(0), weight.unbind(0), bs)])
+        return kernels_linear.reference.activation(y, act)
     return kernels_linear.batched_linear(x, weight, bias, act)
 
 
@@ -93,11 +100,10 @@ def _conv_loop(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Any, p
     shared = groups == 1 and n > 1
     g = 1 if shared else groups // n
     cin = x.shape[1] if shared else x.shape[1] // n
-    outs = [
-        conv(x if shared else x[:, i * cin:(i + 1) * cin], weight[i], None if bias is None else bias[i], stride,
-             padding, dilation, g)
-        for i in range(n)
-    ]
+    # split/unbind, not indexing: their backward is one cat/stack, where N indexings would scatter N full-size grads
+    xs = [x] * n if shared else x.split(cin, dim=1)
+    bs = [None] * n if bias is None else bias.unbind(0)
+    outs = [conv(xi, wi, bi, stride, padding, dilation, g) for xi, wi, bi in zip(xs, weight.unbind(0), bs)]
     return torch.cat(outs, 1)
 
 

@@ -88,16 +88,16 @@ def test_tune_measures_once_then_reads_the_disk_cache(tmp_path, monkeypatch):
     models = make_models(_Net, 3)
     x = torch.randn(3, 2, 3, 8, 8)
     fused = check_fused(models, (x,), tune=True)
-    assert fused._fusecc_chooser.measured == 3 * 3  # three convs, three candidates each
+    assert fused._fusecc_chooser.measured == 3 * 3 + 2  # three convs of three candidates, a linear of two
     cache = json.loads((tmp_path / "tune.json").read_text())
-    assert len(cache) == 3 and all(set(v["ms"]) == {"grouped", "channels_last", "loop"} for v in cache.values())
+    convs = [v for k, v in cache.items() if json.loads(k)[0] == "conv"]
+    assert len(cache) == 4 and all(set(v["ms"]) == {"grouped", "channels_last", "loop"} for v in convs)
     picks = {layer: how for layer, kind, how, why in fused.fusion_report.choices}
-    assert set(picks) == {"stem", "deep", "pw"}
+    assert set(picks) == {"stem", "deep", "pw", "fc"}
     assert all(why.startswith("tuned: ") for *_, why in fused.fusion_report.choices)
     for layer, kind, how, why in fused.fusion_report.choices:  # the fastest measured is the one picked
         fastest = why[len("tuned: "):].split(" ")[0]
-        assert how == choose.CONV_HOW[fastest], (layer, how, why)
-    assert sorted(choose.CONV_HOW[v["pick"]] for v in cache.values()) == sorted(picks.values())
+        assert how == {**choose.CONV_HOW, **choose.LINEAR_HOW}[fastest], (layer, how, why)
 
     again = fusecc.fuse(make_models(_Net, 3), tune=True)  # same shapes: no timing at all
     again(x)
@@ -118,7 +118,30 @@ def test_cached_pick_is_used(tmp_path, monkeypatch):
     path.write_text(json.dumps(cache))
     fused = check_fused(models, (x,), tune=True)
     assert fused.fusion_report.count("conv2d", choose.CONV_HOW["loop"]) == 3
+    assert fused.fusion_report.count("linear", choose.LINEAR_HOW["loop"]) == 1
     assert fused._fusecc_chooser.measured == 0
+
+
+def test_loop_linear_lowering_matches_bmm():
+    x = torch.randn(3, 4, 6, requires_grad=True)
+    w, b = torch.randn(3, 5, 6, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    grads = {}
+    for impl in ("bmm", "loop"):
+        for t in (x, w, b):
+            t.grad = None
+        y = lowering.batched_linear(x, w, b, "gelu", impl)
+        y.backward(torch.ones_like(y))
+        grads[impl] = (y.detach(), x.grad.clone(), w.grad.clone(), b.grad.clone())
+    for name, a, e in zip(("y", "dx", "dw", "db"), grads["loop"], grads["bmm"]):
+        assert_close(name, a, e)
+
+
+def test_weight_gradient_has_the_weight_layout():
+    """The reference batched linear writes dW contiguous like W (autograd's baddbmm gives a transposed one, whose
+    accumulation into .grad is a slow strided copy)."""
+    x, w = torch.randn(3, 4, 6), torch.randn(3, 5, 6, requires_grad=True)
+    lowering.batched_linear(x, w, None).sum().backward()
+    assert w.grad.is_contiguous()
 
 
 def test_print_lists_the_choice_per_layer():

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import lowering
+from .. import choose, lowering
 from ..lower import Fo, S, V
 from .registry import Decline, arg, register_rule
 
@@ -31,8 +31,15 @@ def linear(ctx, x: V, w: V, b: V | None) -> V:
             ctx.record("linear", "wide GEMM (shared input, N weights concatenated)" + _KERNEL[ctx.triton])
             return ctx.out(ctx.call(lowering.wide_linear, x, w, b), Fo(x.rank - 1))
         xs = ctx.stacked(x, 0)
-        ctx.record("linear", "batched GEMM (Triton kernel)" if ctx.triton else "batched GEMM (baddbmm)")
-        return ctx.out(ctx.call(lowering.batched_linear, xs, w, b), S(0))
+        if ctx.triton:
+            ctx.record("linear", "batched GEMM (Triton kernel)")
+            return ctx.out(ctx.call(lowering.batched_linear, xs, w, b), S(0))
+        x_shape = [ctx.n] + list(x.meta.shape)
+        impl, why = ctx.chooser.linear(x_shape, [ctx.n] + list(w.meta.shape), b is not None, ctx.grad_needed,
+                                       w.meta.dtype, ctx.device)
+        ctx.record("linear", choose.LINEAR_HOW[impl], why if ctx.chooser.tune else None)
+        kw = {} if impl == "bmm" else {"impl": impl}
+        return ctx.out(ctx.call(lowering.batched_linear, xs, w, b, **kw), S(0))
     if b is not None and b.per_model:
         raise Decline("linear with a shared weight and a per-model bias")
     last = x.rank - 1
