@@ -33,6 +33,7 @@ from . import __version__
 from .api import FusedModule, fuse
 from .errors import FusionError
 from .export import FORMATS, SUFFIX, atomic_path, export, load
+from .memory import activation_peak
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # verification bound: max |artifact - models| / max |models|
@@ -397,45 +398,6 @@ def write_triton_repo(repo: str, name: str, artifact: str, inputs: Sequence[Tens
     print(f"wrote Triton model repository entry {os.path.join(repo, name)} (config.pbtxt, 1/model.pt)")
 
 
-def _activation_peak(fused: FusedModule, inputs: Tuple[Tensor, ...]) -> int:
-    """Peak bytes of live intermediate tensors in one fused forward (inference), from the fused graph's shapes and
-    each value's last use (an estimate: aliasing views are counted as new tensors)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx import GraphModule
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    graph = fused.fused_graph
-    gm = GraphModule(fused, graph)
-    entry, tensors = fused._entry_for(inputs, {})
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-        ShapeProp(gm, fake_mode=mode).propagate(*[mode.from_tensor(t) for t in tensors])
-
-    def nbytes(node) -> int:
-        meta = node.meta.get("tensor_meta")
-        metas = [meta] if hasattr(meta, "shape") else list(meta or [])  # (TensorMetadata is itself a tuple)
-        total = 0
-        for m in metas:
-            if hasattr(m, "shape") and hasattr(m, "dtype"):
-                total += int(torch.Size(m.shape).numel()) * torch.empty((), dtype=m.dtype).element_size()
-        return total
-
-    order = list(gm.graph.nodes)  # (GraphModule holds its own copy of the graph)
-    last = {n: i for i, n in enumerate(order)}
-    for i, n in enumerate(order):
-        for a in n.all_input_nodes:
-            last[a] = max(last[a], i)
-    live, peak, alive = 0, 0, {}
-    for i, n in enumerate(order):
-        if n.op in ("call_function", "call_method", "call_module"):
-            alive[n] = nbytes(n)
-            live += alive[n]
-            peak = max(peak, live)
-        for a in list(alive):
-            if last[a] <= i:
-                live -= alive.pop(a)
-    return peak
-
-
 def _mib(b: float) -> str:
     """Bytes in the largest binary unit that keeps the number >= 1."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -454,7 +416,7 @@ def cmd_inspect(args: argparse.Namespace, progress: Progress) -> int:
     weights = sum(t.numel() * t.element_size() for t in list(fused.parameters()) + list(fused.buffers()))
     inp = sum(t.numel() * t.element_size() for t in inputs)
     try:
-        act = _activation_peak(fused, inputs)
+        act = activation_peak(fused, inputs)
     except Exception:  # an estimate only: never fail inspect on it
         act = -1
     shape = " ".join("x".join(map(str, t.shape)) for t in inputs)

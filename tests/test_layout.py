@@ -57,3 +57,20 @@ def test_mlp_has_no_layout_copy():
     assert sum(ops[k] for k in COPIES) == 0, dict(ops)
     assert not fused.fusion_report.conversions
     assert ops["aten.baddbmm.default"] == 3  # one batched GEMM per layer, relu on its output
+
+
+def test_activation_memory_grows_like_n_models():
+    """The fused forward holds about N times one model's activations at its peak, not more (estimated from the
+    fused graph's shapes and last uses, as `fusecc inspect` reports it)."""
+    from fusecc.memory import activation_peak
+
+    def build(n):
+        return fusecc.fuse(make_models(lambda: torchvision.models.resnet18(num_classes=10), n)).eval()
+
+    x1, x4 = torch.randn(1, 4, 3, 32, 32), torch.randn(4, 4, 3, 32, 32)
+    one, four = build(1), build(4)
+    with torch.no_grad():
+        one(x1), four(x4)
+    p1, p4 = activation_peak(one, (x1,)), activation_peak(four, (x4,))
+    assert p1 > 0
+    assert p4 <= 4 * p1 * 1.1, (p1, p4)
