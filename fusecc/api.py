@@ -205,7 +205,10 @@ class FusedModule(nn.Module):
                     f"fusecc: argument '{name}' is a {type(v).__name__}; the fused module takes tensors (with a "
                     "leading model dim) and Python constants (bool, int, float, str, None)"
                 )
-        modes = tuple(m.training for m in self.modules())
+        mods = self.__dict__.get("_fusecc_modules")
+        if mods is None:  # the module tree is fixed once built: walk it once, not on every call (55 -> 5 us)
+            mods = self.__dict__["_fusecc_modules"] = list(self.modules())
+        modes = tuple(m.training for m in mods)
         dev = (ref.dtype, ref.device) if ref is not None else None
         return (tuple(sig), modes, dev), tensors
 
@@ -414,6 +417,7 @@ class FusedModule(nn.Module):
         state = self.__dict__.copy()
         state["_fusecc_compiled"] = {}
         state["_fusecc_last"] = None
+        state.pop("_fusecc_modules", None)
         return state
 
 
