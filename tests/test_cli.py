@@ -459,41 +459,36 @@ def test_bad_checkpoint_keeps_previous_file(tmp_path, cnn_ckpt):
     no_temporaries(tmp_path)
 
 
-def test_failed_serialisation_keeps_previous_file(tmp_path):
-    """The model fuses, but torch.jit.trace refuses its output (a tuple holding an int) inside the write."""
-    (tmp_path / "int_out.py").write_text(
-        "import torch.nn as nn\n"
-        "class M(nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        self.fc = nn.Linear(6, 4)\n"
-        "    def forward(self, x):\n"
-        "        return self.fc(x), 3\n"
-        "def build():\n"
-        "    return M()\n")
-    out = _old(tmp_path)
-    msg = cli_error(run_cli("export", "-q", "--arch", "int_out.py:build", "--num-models", "2", "--example-input",
-                            "2,6", "-o", str(out), cwd=tmp_path))
-    assert "export as torchscript failed" in msg
-    assert out.read_text() == "OLD"
-    no_temporaries(tmp_path)
-
-
-def test_failed_verification_keeps_previous_file(tmp_path):
-    (tmp_path / "noisy.py").write_text(
+def _export_fc_model(tmp_path, name: str, forward_body: str) -> str:
+    """Export (over an old fleet.pt) a Linear(6, 4) model whose forward is ``forward_body``; its error line."""
+    (tmp_path / f"{name}.py").write_text(
         "import torch, torch.nn as nn\n"
         "class M(nn.Module):\n"
         "    def __init__(self):\n"
         "        super().__init__()\n"
         "        self.fc = nn.Linear(6, 4)\n"
         "    def forward(self, x):\n"
-        "        y = self.fc(x)\n"
-        "        return y + torch.rand_like(y)\n"  # a different output every run: verification must fail
+        f"        {forward_body}\n"
         "def build():\n"
         "    return M()\n")
     out = _old(tmp_path)
-    msg = cli_error(run_cli("export", "-q", "--arch", "noisy.py:build", "--num-models", "2", "--example-input",
-                            "2,6", "-o", str(out), cwd=tmp_path))
+    return cli_error(run_cli("export", "-q", "--arch", f"{name}.py:build", "--num-models", "2", "--example-input",
+                             "2,6", "-o", str(out), cwd=tmp_path))
+
+
+def test_failed_serialisation_keeps_previous_file(tmp_path):
+    """The model fuses, but torch.jit.trace refuses its output (a tuple holding an int) inside the write."""
+    msg = _export_fc_model(tmp_path, "int_out", "return self.fc(x), 3")
+    assert "export as torchscript failed" in msg
+    out = tmp_path / "fleet.pt"
+    assert out.read_text() == "OLD"
+    no_temporaries(tmp_path)
+
+
+def test_failed_verification_keeps_previous_file(tmp_path):
+    # a different output every run: verification must fail
+    msg = _export_fc_model(tmp_path, "noisy", "y = self.fc(x)\n        return y + torch.rand_like(y)")
+    out = tmp_path / "fleet.pt"
     assert "verification failed" in msg
     no_temporaries(tmp_path)
     assert out.exists() and out.read_text() == "OLD"
