@@ -26,9 +26,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(VPY) -m pytest -q -m "not slow"
 
+# five models, N in 1 4 16, five providers (two under torch.compile), inference and a training step: ~25 min on 2
+# cores; BENCH_ARGS=--full for N in 1 2 4 8 16 32 (hours). The plot is redrawn from the CSVs by bench/plot.py.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(VPY) bench/bench_inference.py --markdown --csv bench/results/inference.csv
-	$(VPY) bench/bench_train.py --markdown --csv bench/results/train.csv
+	$(VPY) bench/bench_inference.py --markdown --csv bench/results/inference.csv $(BENCH_ARGS)
+	$(VPY) bench/bench_train.py --markdown --csv bench/results/train.csv $(BENCH_ARGS)
+	$(VPY) bench/plot.py bench/results/inference.csv bench/results/train.csv --out bench/results/speedup.png
 
 # compile every Triton kernel for sm_80 / sm_90 (no GPU needed) and print registers, spills, shared memory
 kernels-report: $(STAMP)
