@@ -26,8 +26,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(VPY) -m pytest -q -m "not slow"
 
-# five models, N in 1 4 16, five providers (two under torch.compile), inference and a training step: ~25 min on 2
-# cores; BENCH_ARGS=--full for N in 1 2 4 8 16 32 (hours). The plot is redrawn from the CSVs by bench/plot.py.
+# five models, N in 1 4 16, five providers (the two under torch.compile at N=16, not on densenet121), inference and
+# a training step: ~24 min on 2 cores; BENCH_ARGS=--full for N in 1 2 4 8 16 32 and torch.compile everywhere
+# (hours). bench/plot.py redraws the plot from the CSVs.
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(VPY) bench/bench_inference.py --markdown --csv bench/results/inference.csv $(BENCH_ARGS)

@@ -282,6 +282,13 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or b is None else a / b
 
 
+def peak_rss_mb() -> float:
+    """The process's peak resident set size so far (monotone over the run: not a per-provider figure)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
 def geomean(values: Sequence[float]) -> Optional[float]:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 

@@ -32,10 +32,14 @@ crashed, on any row, else 0.
 
 Run (from the repository root):
 
-  .venv/bin/python bench/bench_inference.py             # all five models, N in 1 4 16, 3 reps: ~7 minutes
-  .venv/bin/python bench/bench_inference.py --full --markdown --csv bench/results/inference.csv  # N 1..32
+  .venv/bin/python bench/bench_inference.py             # five models, N in 1 4 16, 3 reps: ~4 min on 2 cores
+  .venv/bin/python bench/bench_inference.py --full --markdown --csv bench/results/inference.csv  # N 1..32, hours
   .venv/bin/python bench/bench_inference.py --models mlp,resnet18 --n 2 8 --batch 16 --reps 9 --no-compile
   .venv/bin/python bench/bench_inference.py --quick              # smoke run, about a minute
+
+A cold torch.compile takes 10 s (MLP) to 2.5 min (densenet121) per provider and row on 2 cores, most of the run's
+time: by default the torch.compile providers run only at the largest N and not on densenet121 (--compile-n and
+--compile-models choose, --full runs them everywhere).
 """
 
 from __future__ import annotations
@@ -58,9 +62,9 @@ if __package__:  # run as python -m bench.<name>: _common.py is next to this fil
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (BUSY_CORES, COMPILED, CSV_FIELDS, MAX_REL_ERR, MODELS, PROVIDER_NAMES, BackgroundLoad,
                      ResultBase, Row, arg_parser, compile_cache, compile_desc, csv_base, finish_args, finish_row,
-                     fmt, input_shape, inputs_desc, machine_info, measure_peaks, print_errors, print_machine,
-                     print_summary, print_tables, quiet_warnings, reps_for, reset_compiler, row_floor, row_providers,
-                     time_interleaved, warn_busy, write_csv_rows)
+                     fmt, input_shape, inputs_desc, machine_info, measure_peaks, peak_rss_mb, print_errors,
+                     print_machine, print_summary, print_tables, quiet_warnings, reps_for, reset_compiler, row_floor,
+                     row_providers, time_interleaved, warn_busy, write_csv_rows)
 from _floor import MachineRates, measure_rates
 
 Provider = Callable[[Tensor], Union[Tensor, List[Tensor]]]
@@ -248,7 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not r.ok and not r.error:
                 print(f"FAIL {r.model} N={r.num_models} {r.provider}: max rel err {r.max_rel_err:.2e}")
     warn_busy([f"{row.model} N={row.num_models}" for row in rows if (row.background_cores or 0.0) > BUSY_CORES])
-    print(f"\ntotal time {total_s:.0f} s")
+    print(f"\ntotal time {total_s:.0f} s; peak RSS of this process {peak_rss_mb():.0f} MB (all rows and "
+          "providers, and the 2 x 256 MB of the bandwidth measure)")
     if a.csv:
         write_csv(a.csv, rows, a.batch, a.res, info)
         print(f"wrote {a.csv}")

@@ -54,10 +54,15 @@ loop beyond rounding (in float64), or any provider but a torch.compile one crash
 
 Run (from the repository root):
 
-  .venv/bin/python bench/bench_train.py             # all five models, N in 1 4 16, 3 reps: ~12 minutes
-  .venv/bin/python bench/bench_train.py --full --markdown --csv bench/results/train.csv  # N 1..32
+  .venv/bin/python bench/bench_train.py             # five models, N in 1 4 16, 3 reps: ~20 min on 2 cores
+  .venv/bin/python bench/bench_train.py --full --markdown --csv bench/results/train.csv  # N 1..32, hours
   .venv/bin/python bench/bench_train.py --models mlp,resnet18 --n 2 8 --batch 16 --reps 9 --no-compile
-  .venv/bin/python bench/bench_train.py --quick              # smoke run, a minute or two
+  .venv/bin/python bench/bench_train.py --quick              # smoke run, about two minutes
+
+A cold torch.compile of a training step (forward and backward) takes 10 s (MLP) to 2.5 min (mobilenet_v2) per
+provider and row on 2 cores, and again in float64 where the float32 check fails: most of the run's time. By default
+the torch.compile providers run only at the largest N and not on densenet121 (--compile-n and --compile-models
+choose, --full runs them everywhere).
 """
 
 from __future__ import annotations
@@ -82,9 +87,9 @@ if __package__:  # run as python -m bench.<name>: _common.py is next to this fil
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (BUSY_CORES, COMPILED, CSV_FIELDS, D_MODEL, MAX_REL_ERR, MODELS, PROVIDER_NAMES, SEQ_LEN,
                      BackgroundLoad, ResultBase, Row, arg_parser, compile_cache, compile_desc, csv_base, finish_args,
-                     finish_row, fmt, input_shape, inputs_desc, machine_info, measure_peaks, print_errors,
-                     print_machine, print_summary, print_tables, quiet_warnings, reps_for, reset_compiler, row_floor,
-                     row_providers, time_interleaved, warn_busy, write_csv_rows)
+                     finish_row, fmt, input_shape, inputs_desc, machine_info, measure_peaks, peak_rss_mb,
+                     print_errors, print_machine, print_summary, print_tables, quiet_warnings, reps_for,
+                     reset_compiler, row_floor, row_providers, time_interleaved, warn_busy, write_csv_rows)
 from _floor import MachineRates, measure_rates
 
 F64_MAX_REL_ERR = 1e-9  # the float64 diagnosis: rounding there is ~1e-16 relative, so more means another function
@@ -304,6 +309,7 @@ def check_f64(row: Row, names: Sequence[str], models: Sequence[nn.Module], x: Te
         return
     for name in names:
         result = row.results[name]
+        start = time.perf_counter()
         try:
             state = one_step(PROVIDERS[name], models64, x64, y64, lrs, loss).state()
             result.f64_rel_err, result.f64_worst = global_err(state, ref)
@@ -311,7 +317,8 @@ def check_f64(row: Row, names: Sequence[str], models: Sequence[nn.Module], x: Te
             result.f64_error = short(e)
             print(f"  {row.model} N={row.num_models} {name}: FAILED in float64: {result.f64_error}", flush=True)
             continue
-        print(f"  {row.model} N={row.num_models} {name}: in float64 {result.f64_rel_err:.1e}", flush=True)
+        print(f"  {row.model} N={row.num_models} {name}: in float64 {result.f64_rel_err:.1e} "
+              f"({time.perf_counter() - start:.1f} s)", flush=True)
         gc.collect()
     del models64, ref
     gc.collect()
@@ -466,7 +473,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             elif r.f64_error:
                 print(f"float64 crash {r.model} N={r.num_models} {r.provider}: {r.f64_error}")
     warn_busy([f"{row.model} N={row.num_models}" for row in rows if (row.background_cores or 0.0) > BUSY_CORES])
-    print(f"\ntotal time {total_s:.0f} s")
+    print(f"\ntotal time {total_s:.0f} s; peak RSS of this process {peak_rss_mb():.0f} MB (all rows and "
+          "providers, and the 2 x 256 MB of the bandwidth measure)")
     if a.csv:
         write_csv(a.csv, rows, a.batch, a.res, info)
         print(f"wrote {a.csv}")
