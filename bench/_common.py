@@ -619,3 +619,15 @@ def write_csv_rows(path: str, fields: List[str], lines: List[Dict[str, Any]]) ->
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(lines)
+
+
+def finish_run(rows: Sequence[Any], total_s: float, csv_path: Optional[str], write_csv: Callable[[str], None],
+               passes: Callable[[Any], bool]) -> int:
+    """The end of a benchmark run: flag busy rows, print the run time, write the CSV; the exit status."""
+    warn_busy([f"{row.model} N={row.num_models}" for row in rows if (row.background_cores or 0.0) > BUSY_CORES])
+    print(f"\ntotal time {total_s:.0f} s; peak RSS of this process {peak_rss_mb():.0f} MB (all rows and "
+          "providers, and the 2 x 256 MB of the bandwidth measure)")
+    if csv_path:
+        write_csv(csv_path)
+        print(f"wrote {csv_path}")
+    return 0 if all(passes(row) for row in rows) else 1

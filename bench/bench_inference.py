@@ -60,11 +60,11 @@ import fusecc
 
 if __package__:  # run as python -m bench.<name>: _common.py is next to this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (BUSY_CORES, COMPILED, CSV_FIELDS, MAX_REL_ERR, MODELS, PROVIDER_NAMES, BackgroundLoad,
-                     ResultBase, Row, arg_parser, compile_cache, compile_desc, csv_base, finish_args, finish_row,
-                     fmt, input_shape, inputs_desc, machine_info, measure_peaks, peak_rss_mb, print_errors,
-                     print_machine, print_summary, print_tables, quiet_warnings, reps_for, reset_compiler, row_floor,
-                     row_providers, time_interleaved, warn_busy, write_csv_rows)
+from _common import (COMPILED, CSV_FIELDS, MAX_REL_ERR, MODELS, PROVIDER_NAMES, BackgroundLoad, ResultBase, Row,
+                     arg_parser, compile_cache, compile_desc, csv_base, finish_args, finish_row, finish_run, fmt,
+                     input_shape, inputs_desc, machine_info, measure_peaks, print_errors, print_machine, print_summary,
+                     print_tables, quiet_warnings, reps_for, reset_compiler, row_floor, row_providers, time_interleaved,
+                     write_csv_rows)
 from _floor import MachineRates, measure_rates
 
 Provider = Callable[[Tensor], Union[Tensor, List[Tensor]]]
@@ -251,13 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for r in row.results.values():
             if not r.ok and not r.error:
                 print(f"FAIL {r.model} N={r.num_models} {r.provider}: max rel err {r.max_rel_err:.2e}")
-    warn_busy([f"{row.model} N={row.num_models}" for row in rows if (row.background_cores or 0.0) > BUSY_CORES])
-    print(f"\ntotal time {total_s:.0f} s; peak RSS of this process {peak_rss_mb():.0f} MB (all rows and "
-          "providers, and the 2 x 256 MB of the bandwidth measure)")
-    if a.csv:
-        write_csv(a.csv, rows, a.batch, a.res, info)
-        print(f"wrote {a.csv}")
-    return 0 if all(row_passes(row) for row in rows) else 1
+    return finish_run(rows, total_s, a.csv, lambda path: write_csv(path, rows, a.batch, a.res, info), row_passes)
 
 
 if __name__ == "__main__":
