@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import gc
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ import torch.nn as nn
 import torchvision
 
 import fusecc
-from _floor import Floor
+from _floor import Floor, measure_rates
 
 MAX_REL_ERR = 1e-4  # the correctness bound every provider must meet against the loop
 MIN_AUTO_REPS = 3
@@ -631,3 +632,27 @@ def finish_run(rows: Sequence[Any], total_s: float, csv_path: Optional[str], wri
         write_csv(csv_path)
         print(f"wrote {csv_path}")
     return 0 if all(passes(row) for row in rows) else 1
+
+
+def run_grid(kind: str, a: Any, step: str, bench_row: Callable[[str, int, Any], Any]) -> Tuple[list, float, dict]:
+    """Print the header, measure the machine's floor rates, then ``bench_row(model, n, rates)`` for every model and N
+    (one compile cache for the run); returns (rows, seconds, machine info)."""
+    quiet_warnings()
+    info = machine_info()
+    print(f"# fusecc {kind} benchmark ({info['timestamp']})")
+    print_machine(info)
+    print(f"setup: models {','.join(a.models)}; N {','.join(map(str, a.num_models))}; batch {a.batch} per model; "
+          f"{inputs_desc(a.models, a.res)}; providers {', '.join(a.providers)} ({compile_desc(a)}); "
+          f"up to {a.reps} reps; {step}", flush=True)
+    start = time.perf_counter()
+    rates = measure_rates()
+    info.update(rates.info())
+    print(f"floor rates: fp32 GEMM {rates.gemm_flops / 1e9:.1f} GFLOP/s (2048^3 matmul), copy bandwidth "
+          f"{rates.bandwidth / 1e9:.2f} GB/s read + written (256 MB copy)\n", flush=True)
+    rows = []
+    with compile_cache(a.keep_compile_cache):
+        for model in a.models:
+            for n in a.num_models:
+                rows.append(bench_row(model, n, rates))
+                gc.collect()  # the row's models, inputs and providers are gone; free what cycles still hold
+    return rows, time.perf_counter() - start, info

@@ -86,11 +86,10 @@ import fusecc
 if __package__:  # run as python -m bench.<name>: _common.py is next to this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (COMPILED, CSV_FIELDS, D_MODEL, MAX_REL_ERR, MODELS, PROVIDER_NAMES, SEQ_LEN, BackgroundLoad,
-                     ResultBase, Row, arg_parser, compile_cache, compile_desc, csv_base, finish_args, finish_row,
-                     finish_run, fmt, input_shape, inputs_desc, machine_info, measure_peaks, print_errors,
-                     print_machine, print_summary, print_tables, quiet_warnings, reps_for, reset_compiler, row_floor,
-                     row_providers, time_interleaved, write_csv_rows)
-from _floor import MachineRates, measure_rates
+                     ResultBase, Row, arg_parser, csv_base, finish_args, finish_row, finish_run, fmt, input_shape,
+                     measure_peaks, print_errors, print_summary, print_tables, reps_for, reset_compiler, row_floor,
+                     row_providers, run_grid, time_interleaved, write_csv_rows)
+from _floor import MachineRates
 
 F64_MAX_REL_ERR = 1e-9  # the float64 diagnosis: rounding there is ~1e-16 relative, so more means another function
 NUM_CLASSES = 10
@@ -432,28 +431,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
-    quiet_warnings()
-    info = machine_info()
-    print(f"# fusecc training benchmark ({info['timestamp']})")
-    print_machine(info)
-    print(f"setup: models {','.join(a.models)}; N {','.join(map(str, a.num_models))}; batch {a.batch} per model; "
-          f"{inputs_desc(a.models, a.res)}; providers {', '.join(a.providers)} ({compile_desc(a)}); "
-          f"up to {a.reps} reps; one step = "
-          f"forward + loss (F.cross_entropy; transformer: F.mse_loss) + backward + SGD (momentum {MOMENTUM:g}, lr "
-          f"per model {LR_MIN:g}..{LR_MAX:g}); train mode, Dropout in eval", flush=True)
-    start = time.perf_counter()
-    rates = measure_rates()
-    info.update(rates.info())
-    print(f"floor rates: fp32 GEMM {rates.gemm_flops / 1e9:.1f} GFLOP/s (2048^3 matmul), copy bandwidth "
-          f"{rates.bandwidth / 1e9:.2f} GB/s read + written (256 MB copy)\n", flush=True)
-    rows = []
-    with compile_cache(a.keep_compile_cache):
-        for model in a.models:
-            for n in a.num_models:
-                rows.append(bench_row(model, n, a.batch, a.res, a.reps, a.row_budget, a.f64,
-                                      row_providers(a, model, n), rates))
-                gc.collect()  # the row's models, inputs and providers are gone; free what cycles still hold
-    total_s = time.perf_counter() - start
+    step = (f"one step = forward + loss (F.cross_entropy; transformer: F.mse_loss) + backward + SGD (momentum "
+            f"{MOMENTUM:g}, lr per model {LR_MIN:g}..{LR_MAX:g}); train mode, Dropout in eval")
+    rows, total_s, info = run_grid(
+        "training", a, step,
+        lambda model, n, rates: bench_row(model, n, a.batch, a.res, a.reps, a.row_budget, a.f64,
+                                          row_providers(a, model, n), rates))
     print(f"\nmedian ms per training step of all N models (speed-up over the loop, from the medians of the same "
           f"run); max rel err = max over the parameters and buffers of max |w - w_loop| / max |w_loop| per tensor "
           f"after one float32 step, over the providers (must be < {MAX_REL_ERR:g}); f64 rel err = the same step in "
