@@ -158,8 +158,8 @@ class Chooser:
             return "bmm", "rule"
         key = json.dumps(["linear", list(x_shape), list(w_shape), has_bias, training, str(dtype), str(device),
                           _versions()])
-        hit = self.cache.get(key)
-        if hit is None:
+
+        def candidates() -> Dict[str, Callable[[], Any]]:
             x = torch.randn(tuple(x_shape), dtype=dtype, device=device)
             w = torch.randn(tuple(w_shape), dtype=dtype, device=device, requires_grad=training)
             b = torch.randn(tuple(w_shape[:2]), dtype=dtype, device=device, requires_grad=training) if has_bias \
@@ -171,12 +171,9 @@ class Chooser:
                     if training:
                         y.backward(torch.ones_like(y))
 
-            ms = time_candidates({c: (lambda c=c: run(c)) for c in LINEAR_HOW})
-            self.measured += len(LINEAR_HOW)
-            hit = {"pick": min(ms, key=ms.get), "ms": {k: round(v, 4) for k, v in ms.items()}}
-            self.cache.put(key, hit)
-        return hit["pick"], "tuned: " + ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(hit["ms"].items(),
-                                                                                       key=lambda i: i[1]))
+            return {c: (lambda c=c: run(c)) for c in LINEAR_HOW}
+
+        return self._measured(key, candidates)
 
     def conv(self, x_shape: Sequence[int], w_shape: Sequence[int], has_bias: bool, stride: Any, padding: Any,
              dilation: Any, groups: int, nd: int, dtype: torch.dtype, device: torch.device) -> Tuple[str, str]:
@@ -185,16 +182,24 @@ class Chooser:
             return conv_rule(device, x_shape, w_shape, stride, padding, dilation, nd), "rule"
         key = json.dumps(["conv", list(x_shape), list(w_shape), has_bias, stride, padding, dilation, groups, nd,
                           str(dtype), str(device), _versions()])
-        hit = self.cache.get(key)
-        if hit is None:
+
+        def candidates() -> Dict[str, Callable[[], Any]]:
             x = torch.randn(tuple(x_shape), dtype=dtype, device=device)
             w = torch.randn(tuple(w_shape), dtype=dtype, device=device)
             b = torch.randn(tuple(w_shape[:2]), dtype=dtype, device=device) if has_bias else None
-            fns = {c: (lambda c=c: lowering.stacked_conv(x, w, b, stride, padding, dilation, groups, nd, impl=c))
-                   for c in conv_candidates(nd)}
+            return {c: (lambda c=c: lowering.stacked_conv(x, w, b, stride, padding, dilation, groups, nd, impl=c))
+                    for c in conv_candidates(nd)}
+
+        return self._measured(key, candidates)
+
+    def _measured(self, key: str, candidates: Callable[[], Dict[str, Callable[[], Any]]]) -> Tuple[str, str]:
+        """(fastest, "tuned: <times>") from the cache, or timed now (``candidates()`` builds the runs) and cached."""
+        hit = self.cache.get(key)
+        if hit is None:
+            fns = candidates()
             ms = time_candidates(fns)
             self.measured += len(fns)
             hit = {"pick": min(ms, key=ms.get), "ms": {k: round(v, 4) for k, v in ms.items()}}
             self.cache.put(key, hit)
-        ms = hit["ms"]
-        return hit["pick"], "tuned: " + ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(ms.items(), key=lambda i: i[1]))
+        ordered = sorted(hit["ms"].items(), key=lambda i: i[1])
+        return hit["pick"], "tuned: " + ", ".join(f"{k} {v:.3g} ms" for k, v in ordered)

@@ -20,7 +20,6 @@ from torch import Tensor
 from fusecc.kernels import conv1x1 as kernels_conv1x1
 from fusecc.kernels import layer_norm as kernels_layer_norm
 from fusecc.kernels import linear as kernels_linear
-from fusecc.kernels.linear import reference as _linear_reference  # noqa: F401  (kernels_linear.reference)
 
 # ----------------------------------------------------------------------------------------------------------------
 # linear family
