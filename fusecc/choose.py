@@ -1,15 +1,15 @@
 """Per-layer lowering choice: which of several equivalent lowerings runs a fused op.
 
-A fused conv can run as ONE grouped conv (NCHW), the same grouped conv on channels-last data, or a loop of N
-ordinary convs over the models' channel slices; which is fastest depends on the layer's shape and the backend
+A fused conv can run as ONE grouped conv (NCHW), the same grouped conv on channels-last data, a loop of N
+ordinary convs over the models' channel slices, or a per-model GEMM over the kernel taps that reach the input; which is fastest depends on the layer's shape and the backend
 (oneDNN's grouped conv is up to 4x slower than the loop on 1x1 maps with 512 channels, and channels-last is 2.5x
 faster for 1x1 convs; measured with ``bench/bench_conv_choice.py``). Two ways to choose:
 
 - a built-in rule (``conv_rule``), from those measurements, used by default;
 - ``fusecc.fuse(models, tune=True)``: time every candidate once on the layer's real shapes (random data, forward
   pass, median of a few runs) and keep the fastest. Choices are cached on disk (``$FUSECC_CACHE_DIR`` or
-  ``~/.cache/fusecc/tune.json``) keyed by op, shapes, dtype, device, thread count and library versions, so the
-  next ``fuse`` of the same fleet does no timing.
+  ``~/.cache/fusecc/tune.json``) keyed by op, shapes, dtype, device, thread count, library versions and the
+  candidates, so the next ``fuse`` of the same fleet does no timing.
 """
 
 from __future__ import annotations
@@ -28,18 +28,21 @@ CONV_HOW = {
     "grouped": "grouped conv (groups = N*g)",
     "channels_last": "grouped conv, channels-last",
     "loop": "per-model loop (N convs)",
+    "gemm": "per-model GEMM over the live taps",
 }
 
 
 LINEAR_HOW = {"bmm": "batched GEMM (baddbmm)", "loop": "per-model loop (N GEMMs)"}
 
 
-def conv_candidates(nd: int) -> List[str]:
-    return ["grouped", "channels_last", "loop"] if nd == 2 else ["grouped", "loop"]
-
-
-def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+def conv_candidates(nd: int, x_shape: Optional[Sequence[int]] = None, w_shape: Optional[Sequence[int]] = None,
+                    padding: Any = 0, groups: int = 0) -> List[str]:
+    """The lowerings that can run this conv (``lowering.stacked_conv``'s ``impl``); without the shapes, those
+    that run any conv of ``nd`` dims."""
+    if nd != 2:
+        return ["grouped", "loop"]
+    gemm = x_shape is not None and w_shape is not None and lowering.gemm_conv_ok(x_shape, w_shape, padding, groups, nd)
+    return ["grouped", "channels_last", "loop"] + (["gemm"] if gemm else [])
 
 
 def _pairs(v: Any, nd: int) -> Tuple[int, ...]:
@@ -47,13 +50,16 @@ def _pairs(v: Any, nd: int) -> Tuple[int, ...]:
 
 
 def conv_rule(device: torch.device, x_shape: Sequence[int], w_shape: Sequence[int], stride: Any, padding: Any,
-              dilation: Any, nd: int) -> str:
-    """The built-in choice for a per-model conv (x ``[B, N*Cin, *sp]``, w ``[N, Cout, Cin/g, *k]``).
+              dilation: Any, nd: int, groups: int = 0) -> str:
+    """The built-in choice for a per-model conv (x ``[B, N*Cin, *sp]``, w ``[N, Cout, Cin/g, *k]``, ``groups``
+    the fused conv's: ``N*g``).
 
-    From measurements of oneDNN on this project's CPUs (2 threads, N=8, batch 8, resnet18 shapes):
+    From measurements of oneDNN and MKL on this project's CPUs (2 threads, N=16, batch 8, the shapes of resnet18,
+    mobilenet_v2 and densenet121 at 32x32; ``bench/bench_conv_choice.py``):
 
-    - output maps of one pixel with >= 128 input channels per model, or of <= 4 pixels with >= 256: the loop (the
-      grouped conv runs up to 4x slower);
+    - dense convs (one group per model) where a single tap reads the input (1x1 convs; 3x3 convs on a 1x1 map) with
+      <= 16 output pixels, and other dense convs with <= 4 output pixels: the per-model GEMM (``"gemm"``; 2-19x
+      faster: oneDNN re-lays out every model's weights on each call, which dominates on small maps);
     - 1x1 convs and convs over maps of >= 8x8 with <= 64 input channels per group: channels-last (1.1-2.5x);
     - everything else: the NCHW grouped conv.
 
@@ -61,16 +67,16 @@ def conv_rule(device: torch.device, x_shape: Sequence[int], w_shape: Sequence[in
     """
     if device.type != "cpu" or nd != 2:
         return "grouped"
-    n = w_shape[0]
-    cin = x_shape[1] // n
     ks = tuple(w_shape[3:])
     if isinstance(padding, str):
         return "grouped"
     st, pd, dl = _pairs(stride, nd), _pairs(padding, nd), _pairs(dilation, nd)
-    out = [_out_size(x_shape[2 + i], ks[i], st[i], pd[i], dl[i]) for i in range(nd)]
-    pixels = out[0] * out[1]
-    if pixels == 1 and cin >= 128 or pixels <= 4 and cin >= 256:
-        return "loop"
+    taps = [lowering.live_taps(x_shape[2 + i], ks[i], st[i], pd[i], dl[i]) for i in range(nd)]
+    pixels = taps[0][0] * taps[1][0]
+    if lowering.gemm_conv_ok(x_shape, w_shape, padding, groups or w_shape[0], nd):
+        single_tap = all(t[3] for t in taps)
+        if pixels <= 4 or single_tap and pixels <= 16:
+            return "gemm"
     if all(k == 1 for k in ks) and all(p == 0 for p in pd):
         return "channels_last"
     if all(s >= 8 for s in x_shape[2:]) and w_shape[2] <= 64:
@@ -157,7 +163,7 @@ class Chooser:
         if not self.tune:
             return "bmm", "rule"
         key = json.dumps(["linear", list(x_shape), list(w_shape), has_bias, training, str(dtype), str(device),
-                          _versions()])
+                          _versions(), sorted(LINEAR_HOW)])
 
         def candidates() -> Dict[str, Callable[[], Any]]:
             x = torch.randn(tuple(x_shape), dtype=dtype, device=device)
@@ -179,16 +185,17 @@ class Chooser:
              dilation: Any, groups: int, nd: int, dtype: torch.dtype, device: torch.device) -> Tuple[str, str]:
         """(choice, why) for a per-model conv on the folded input of fused shape ``x_shape``."""
         if not self.tune:
-            return conv_rule(device, x_shape, w_shape, stride, padding, dilation, nd), "rule"
+            return conv_rule(device, x_shape, w_shape, stride, padding, dilation, nd, groups), "rule"
+        names = conv_candidates(nd, x_shape, w_shape, padding, groups)
         key = json.dumps(["conv", list(x_shape), list(w_shape), has_bias, stride, padding, dilation, groups, nd,
-                          str(dtype), str(device), _versions()])
+                          str(dtype), str(device), _versions(), names])
 
         def candidates() -> Dict[str, Callable[[], Any]]:
             x = torch.randn(tuple(x_shape), dtype=dtype, device=device)
             w = torch.randn(tuple(w_shape), dtype=dtype, device=device)
             b = torch.randn(tuple(w_shape[:2]), dtype=dtype, device=device) if has_bias else None
             return {c: (lambda c=c: lowering.stacked_conv(x, w, b, stride, padding, dilation, groups, nd, impl=c))
-                    for c in conv_candidates(nd)}
+                    for c in names}
 
         return self._measured(key, candidates)
 

@@ -20,6 +20,11 @@ CONVS = [
     ((2, 4, 5, 5), 8, 1, 2, 0, 1, 1),  # 1x1, stride 2
     ((2, 4, 7), 5, 3, 1, 1, 1, 1),  # conv1d
     ((1, 2, 4, 4, 4), 3, 3, 1, 1, 1, 1),  # conv3d
+    ((2, 8, 1, 1), 6, 3, 1, 1, 1, 1),  # a 3x3 conv on a 1x1 map: only its centre tap reads the input
+    ((2, 4, 2, 2), 6, 3, 2, 1, 1, 1),  # stride 2 on 2x2: the 2x2 lower-right taps
+    ((2, 4, 1, 5), 6, 3, 1, 3, 2, 1),  # dilated, wide padding: some taps only ever read padding
+    ((2, 4, 6, 6), 6, 2, 3, (1, 0), 1, 1),  # asymmetric padding and a stride that skips pixels
+    ((2, 4, 1, 1), 6, 1, 2, 1, 1, 1),  # every output reads padding only: the bias
 ]
 
 
@@ -33,7 +38,9 @@ def test_every_conv_lowering_computes_the_same(shape, cout, k, s, p, d, g, bias)
     bb = torch.randn(n, cout, requires_grad=True) if bias else None
     gy = None
     results = {}
-    for impl in choose.conv_candidates(nd):
+    candidates = choose.conv_candidates(nd, x.shape, w.shape, p, g * n)
+    assert ("gemm" in candidates) == (nd == 2 and g == 1)
+    for impl in candidates:
         for t in (x, w, bb):
             if t is not None:
                 t.grad = None
@@ -48,25 +55,66 @@ def test_every_conv_lowering_computes_the_same(shape, cout, k, s, p, d, g, bias)
                 assert_close(f"{impl} {name}", a, e)
 
 
-def test_loop_lowering_of_a_shared_input():
+@pytest.mark.parametrize("hw,k,s,p", [((6, 6), 3, 1, 1), ((1, 1), 3, 1, 1), ((2, 2), 3, 2, 1), ((5, 5), 1, 2, 0)])
+def test_loop_and_gemm_lowerings_of_a_shared_input(hw, k, s, p):
     """A shared input (groups = 1): every model convolves all of x."""
-    x, w, b = torch.randn(2, 4, 6, 6), torch.randn(3, 5, 4, 3, 3), torch.randn(3, 5)
-    assert_close("loop", lowering.stacked_conv(x, w, b, 1, 1, 1, 1, 2, "loop"),
-                 lowering.stacked_conv(x, w, b, 1, 1, 1, 1, 2, "grouped"))
+    x, w, b = torch.randn(2, 4, *hw), torch.randn(3, 5, 4, k, k), torch.randn(3, 5)
+    ref = lowering.stacked_conv(x, w, b, s, p, 1, 1, 2, "grouped")
+    for impl in ("loop", "gemm"):
+        assert_close(impl, lowering.stacked_conv(x, w, b, s, p, 1, 1, 2, impl), ref)
 
 
-@pytest.mark.parametrize("x_shape,w_shape,stride,padding,want", [
-    ((8, 8 * 512, 1, 1), (8, 512, 512, 3, 3), 1, 1, "loop"),  # resnet18 layer4 at 32x32: grouped runs 4x slower
-    ((8, 8 * 256, 2, 2), (8, 512, 256, 3, 3), 2, 1, "loop"),
-    ((8, 8 * 256, 2, 2), (8, 256, 256, 3, 3), 1, 1, "loop"),
-    ((8, 8 * 128, 4, 4), (8, 128, 128, 3, 3), 1, 1, "grouped"),
-    ((8, 8 * 64, 8, 8), (8, 128, 64, 1, 1), 2, 0, "channels_last"),  # a 1x1 downsample
-    ((8, 8 * 3, 32, 32), (8, 64, 3, 7, 7), 2, 3, "channels_last"),  # the stem
-    ((8, 8 * 64, 8, 8), (8, 64, 64, 3, 3), 1, 1, "channels_last"),
+@pytest.mark.parametrize("size,k,s,p,d,want", [
+    (1, 3, 1, 1, 1, (1, 1, 1, True)),  # a 3x3 conv on a 1x1 map: the centre tap
+    (2, 3, 2, 1, 1, (1, 1, 2, False)),  # taps 1 and 2 read the input
+    (8, 1, 2, 0, 1, (4, 0, 0, True)),  # 1x1, stride 2
+    (5, 3, 1, 1, 1, (5, 0, 2, False)),
+    (1, 5, 1, 4, 2, (1, 2, 2, True)),  # dilated: tap 2 lands on the pixel
+    (1, 1, 2, 1, 1, (2, 0, 0, False)),  # every output reads padding (the stride skips the pixel): only the bias
+    (1, 3, 1, 2, 1, (3, 0, 2, False)),  # each output sees the pixel through another tap
 ])
-def test_conv_rule(x_shape, w_shape, stride, padding, want):
-    assert choose.conv_rule(torch.device("cpu"), x_shape, w_shape, stride, padding, 1, 2) == want
-    assert choose.conv_rule(torch.device("cuda"), x_shape, w_shape, stride, padding, 1, 2) == "grouped"
+def test_live_taps(size, k, s, p, d, want):
+    assert lowering.live_taps(size, k, s, p, d) == want
+
+
+def test_gemm_lowering_keeps_the_live_taps_while_the_weight_is_unchanged():
+    """In grad-off calls the centre taps of a 3x3 conv on a 1x1 map are copied out once and reused; an in-place
+    update of the weight (an optimizer step) or a new .data is seen at the next call; with grad on, no copy is kept
+    and the gradient reaches the weight."""
+    x = torch.randn(2, 3 * 4, 1, 1)
+    w = nn.Parameter(torch.randn(3, 5, 4, 3, 3))
+    ref = lambda: lowering.stacked_conv(x, w, None, 1, 1, 1, 3, 2, "grouped")  # noqa: E731
+    gemm = lambda: lowering.stacked_conv(x, w, None, 1, 1, 1, 3, 2, "gemm")  # noqa: E731
+    with torch.no_grad():
+        assert_close("first", gemm(), ref())
+        kept = lowering._DERIVED[w]
+        assert len(kept) == 1
+        assert_close("again", gemm(), ref())
+        w.mul_(-2.0)
+        assert_close("after an in-place update", gemm(), ref())
+        w.data = torch.randn(3, 5, 4, 3, 3)
+        assert_close("after a new .data", gemm(), ref())
+    y = gemm()
+    y.sum().backward()
+    expect = torch.zeros_like(w)
+    expect[:, :, :, 1, 1] = x.view(2, 3, 1, 4).sum(0)
+    assert_close("dw", w.grad, expect)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,stride,padding,groups,want", [
+    ((8, 8 * 512, 1, 1), (8, 512, 512, 3, 3), 1, 1, 8, "gemm"),  # resnet18 layer4 at 32x32: the centre tap, 19x
+    ((8, 8 * 256, 2, 2), (8, 512, 256, 3, 3), 2, 1, 8, "gemm"),
+    ((8, 8 * 256, 2, 2), (8, 256, 256, 3, 3), 1, 1, 8, "gemm"),
+    ((8, 8 * 128, 4, 4), (8, 128, 128, 3, 3), 1, 1, 8, "grouped"),
+    ((8, 8 * 64, 16, 16), (8, 128, 64, 1, 1), 2, 0, 8, "channels_last"),  # a 1x1 downsample to 8x8
+    ((8, 8 * 64, 8, 8), (8, 128, 64, 1, 1), 2, 0, 8, "gemm"),  # ... to 4x4
+    ((8, 8 * 3, 32, 32), (8, 64, 3, 7, 7), 2, 3, 8, "channels_last"),  # the stem
+    ((8, 8 * 64, 8, 8), (8, 64, 64, 3, 3), 1, 1, 8, "channels_last"),
+    ((8, 8 * 960, 1, 1), (8, 960, 1, 3, 3), 1, 1, 8 * 960, "grouped"),  # depthwise: already one conv per channel
+])
+def test_conv_rule(x_shape, w_shape, stride, padding, groups, want):
+    assert choose.conv_rule(torch.device("cpu"), x_shape, w_shape, stride, padding, 1, 2, groups) == want
+    assert choose.conv_rule(torch.device("cuda"), x_shape, w_shape, stride, padding, 1, 2, groups) == "grouped"
 
 
 class _Net(nn.Module):
@@ -88,10 +136,10 @@ def test_tune_measures_once_then_reads_the_disk_cache(tmp_path, monkeypatch):
     models = make_models(_Net, 3)
     x = torch.randn(3, 2, 3, 8, 8)
     fused = check_fused(models, (x,), tune=True)
-    assert fused._fusecc_chooser.measured == 3 * 3 + 2  # three convs of three candidates, a linear of two
+    assert fused._fusecc_chooser.measured == 3 * 4 + 2  # three convs of four candidates, a linear of two
     cache = json.loads((tmp_path / "tune.json").read_text())
     convs = [v for k, v in cache.items() if json.loads(k)[0] == "conv"]
-    assert len(cache) == 4 and all(set(v["ms"]) == {"grouped", "channels_last", "loop"} for v in convs)
+    assert len(cache) == 4 and all(set(v["ms"]) == {"grouped", "channels_last", "loop", "gemm"} for v in convs)
     picks = {layer: how for layer, kind, how, why in fused.fusion_report.choices}
     assert set(picks) == {"stem", "deep", "pw", "fc"}
     assert all(why.startswith("tuned: ") for *_, why in fused.fusion_report.choices)

@@ -7,7 +7,7 @@ from typing import Optional, Tuple, Union
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..linear.reference import activation
+from ..linear.reference import activation_
 
 
 def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "none", shared_input: bool = False,
@@ -15,5 +15,5 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "none"
     """x ``[B, N*C, H, W]`` (``[B, C, H, W]`` if shared_input), weight ``[N, M, C]`` -> ``[B, N*M, H, W]``."""
     n, m, c = weight.shape
     w = weight.reshape(n * m, c, 1, 1)
-    return activation(F.conv2d(x, w, None if bias is None else bias.reshape(-1), stride=stride,
+    return activation_(F.conv2d(x, w, None if bias is None else bias.reshape(-1), stride=stride,
                                groups=1 if shared_input else n), act)

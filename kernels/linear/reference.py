@@ -24,6 +24,17 @@ def activation(z: Tensor, act: str) -> Tensor:
     raise ValueError(f"fusecc.kernels.linear: unknown activation {act!r}; expected one of {list(ACTIVATIONS)}")
 
 
+def activation_(z: Tensor, act: str) -> Tensor:
+    """``activation`` in place where torch has the in-place op (relu, silu): for a GEMM's fresh output, so a large
+    fused activation is not allocated (and page-faulted in) twice. Autograd allows it: no GEMM backward reads its
+    output."""
+    if act == "relu":
+        return z.relu_()
+    if act == "silu":
+        return F.silu(z, inplace=True)
+    return activation(z, act)
+
+
 class _BatchedLinear(torch.autograd.Function):
     """``baddbmm(b, x, W^T)`` with a backward that writes dW ``[N, M, K]`` contiguous, like W.
 
@@ -55,13 +66,13 @@ class _BatchedLinear(torch.autograd.Function):
 def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "none") -> Tensor:
     """``y[n] = act(x[n] @ weight[n]^T + bias[n])``: x ``[N, R, K]``, weight ``[N, M, K]``, bias ``[N, M]``."""
     if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad or bias is not None and bias.requires_grad):
-        return activation(_BatchedLinear.apply(x, weight, bias), act)
+        return activation_(_BatchedLinear.apply(x, weight, bias), act)
     wt = weight.transpose(1, 2)
     z = torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, wt)
-    return activation(z, act)
+    return activation_(z, act)
 
 
 def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "none") -> Tensor:
     """Shared input: x ``[R, K]`` -> ``[R, N*M]`` (model-major), ONE GEMM with the N weights concatenated."""
     k = weight.shape[-1]
-    return activation(F.linear(x, weight.reshape(-1, k), None if bias is None else bias.reshape(-1)), act)
+    return activation_(F.linear(x, weight.reshape(-1, k), None if bias is None else bias.reshape(-1)), act)
