@@ -1,9 +1,10 @@
 """Per-layer lowering choice: which of several equivalent lowerings runs a fused op.
 
 A fused conv can run as ONE grouped conv (NCHW), the same grouped conv on channels-last data, a loop of N
-ordinary convs over the models' channel slices, or a per-model GEMM over the kernel taps that reach the input; which is fastest depends on the layer's shape and the backend
-(oneDNN's grouped conv is up to 4x slower than the loop on 1x1 maps with 512 channels, and channels-last is 2.5x
-faster for 1x1 convs; measured with ``bench/bench_conv_choice.py``). Two ways to choose:
+ordinary convs over the models' channel slices, or a per-model GEMM over the kernel taps that reach the input.
+Which is fastest depends on the layer's shape and the backend (on 1x1 maps with 512 channels oneDNN's grouped
+conv is 4x slower than the loop and the GEMM 19x faster; channels-last is 2.5x faster for 1x1 convs on large maps;
+measured with ``bench/bench_conv_choice.py``). Two ways to choose:
 
 - a built-in rule (``conv_rule``), from those measurements, used by default;
 - ``fusecc.fuse(models, tune=True)``: time every candidate once on the layer's real shapes (random data, forward

@@ -63,13 +63,19 @@ def test_mlp_all_kernels():
 
 
 @pytest.mark.slow
-def test_resnet18_kernels():
+def test_resnet18_kernels(monkeypatch):
     """resnet18's 1x1 downsample convs (stride 2: a channels-last per-model GEMM) and its fc run the kernels.
+
+    The convs are lowered as on CUDA (``conv_rule`` on a CUDA device: the grouped conv, whose 1x1 case is the
+    kernel): the CPU rule would run layer3 and layer4 as per-model GEMMs through the linear kernel too, correct but
+    minutes in the Triton interpreter.
 
     BatchNorm in eval mode: with batch statistics over 2 images of 1x1 maps (layer4 at 32x32), BN amplifies
     rounding-level differences to ~1e-3 in fp32, for the fused model and the N models alike (tests/test_models.py
     checks train mode in float64, which the kernels do not take). Gradients still flow through every layer.
     """
+    rule = fusecc.choose.conv_rule
+    monkeypatch.setattr(fusecc.choose, "conv_rule", lambda device, *a: rule(torch.device("cuda"), *a))
     for m in (models := make_models(lambda: torchvision.models.resnet18(num_classes=7), 2)):
         m.eval()
     x = torch.randn(2, 2, 3, 32, 32)
