@@ -59,8 +59,11 @@ def conv_rule(device: torch.device, x_shape: Sequence[int], w_shape: Sequence[in
     mobilenet_v2 and densenet121 at 32x32; ``bench/bench_conv_choice.py``):
 
     - dense convs (one group per model) where a single tap reads the input (1x1 convs; 3x3 convs on a 1x1 map) with
-      <= 16 output pixels, and other dense convs with <= 4 output pixels: the per-model GEMM (``"gemm"``; 2-19x
-      faster: oneDNN re-lays out every model's weights on each call, which dominates on small maps);
+      <= 16 output pixels, and other dense convs with <= 4 output pixels and >= 128 output channels: the per-model
+      GEMM (``"gemm"``; 2-19x faster: oneDNN re-lays out every model's weights on each call, which dominates on
+      small maps; with fewer output channels the im2col gather costs more than it saves);
+    - depthwise convs (one input channel per group): channels-last, the format of the 1x1 convs around them
+      (mobilenet_v2: 1.1x over the whole model, though NCHW is faster for a depthwise conv alone);
     - 1x1 convs and convs over maps of >= 8x8 with <= 64 input channels per group: channels-last (1.1-2.5x);
     - everything else: the NCHW grouped conv.
 
@@ -76,8 +79,10 @@ def conv_rule(device: torch.device, x_shape: Sequence[int], w_shape: Sequence[in
     pixels = taps[0][0] * taps[1][0]
     if lowering.gemm_conv_ok(x_shape, w_shape, padding, groups or w_shape[0], nd):
         single_tap = all(t[3] for t in taps)
-        if pixels <= 4 or single_tap and pixels <= 16:
+        if single_tap and pixels <= 16 or pixels <= 4 and w_shape[1] >= 128:
             return "gemm"
+    if w_shape[2] == 1:
+        return "channels_last"
     if all(k == 1 for k in ks) and all(p == 0 for p in pd):
         return "channels_last"
     if all(s >= 8 for s in x_shape[2:]) and w_shape[2] <= 64:

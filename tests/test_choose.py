@@ -110,7 +110,8 @@ def test_gemm_lowering_keeps_the_live_taps_while_the_weight_is_unchanged():
     ((8, 8 * 64, 8, 8), (8, 128, 64, 1, 1), 2, 0, 8, "gemm"),  # ... to 4x4
     ((8, 8 * 3, 32, 32), (8, 64, 3, 7, 7), 2, 3, 8, "channels_last"),  # the stem
     ((8, 8 * 64, 8, 8), (8, 64, 64, 3, 3), 1, 1, 8, "channels_last"),
-    ((8, 8 * 960, 1, 1), (8, 960, 1, 3, 3), 1, 1, 8 * 960, "grouped"),  # depthwise: already one conv per channel
+    ((8, 8 * 960, 1, 1), (8, 960, 1, 3, 3), 1, 1, 8 * 960, "channels_last"),  # depthwise: as the 1x1 convs around
+    ((8, 8 * 128, 2, 2), (8, 32, 128, 3, 3), 1, 1, 8, "grouped"),  # densenet's 3x3 at 2x2: too few outputs to gather
 ])
 def test_conv_rule(x_shape, w_shape, stride, padding, groups, want):
     assert choose.conv_rule(torch.device("cpu"), x_shape, w_shape, stride, padding, 1, 2, groups) == want
