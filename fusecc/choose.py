@@ -55,25 +55,26 @@ def conv_rule(device: torch.device, x_shape: Sequence[int], w_shape: Sequence[in
     """The built-in choice for a per-model conv (x ``[B, N*Cin, *sp]``, w ``[N, Cout, Cin/g, *k]``, ``groups``
     the fused conv's: ``N*g``).
 
-    From measurements of oneDNN and MKL on this project's CPUs (2 threads, N=16, batch 8, the shapes of resnet18,
-    mobilenet_v2 and densenet121 at 32x32; ``bench/bench_conv_choice.py``):
+    From measurements of oneDNN and MKL on this project's CPUs (2 threads, N=4 to 16, batch 8, resnet18,
+    mobilenet_v2 and densenet121 at 32x32 and resnet18 at 64x64; per layer with ``bench/bench_conv_choice.py``, and
+    over whole models, where the memory format one layer writes is the one the next reads):
 
     - dense convs (one group per model) where a single tap reads the input (1x1 convs; 3x3 convs on a 1x1 map) with
       <= 16 output pixels, and other dense convs with <= 4 output pixels and >= 128 output channels: the per-model
       GEMM (``"gemm"``; 2-19x faster: oneDNN re-lays out every model's weights on each call, which dominates on
       small maps; with fewer output channels the im2col gather costs more than it saves);
-    - depthwise convs (one input channel per group): channels-last, the format of the 1x1 convs around them
-      (mobilenet_v2: 1.1x over the whole model, though NCHW is faster for a depthwise conv alone);
-    - 1x1 convs and convs over maps of >= 8x8 with <= 64 input channels per group: channels-last (1.1-2.5x);
-    - everything else: the NCHW grouped conv.
+    - everything else: the grouped conv on channels-last data. Alone, an NCHW grouped conv is sometimes faster (up
+      to 2.6x for a depthwise conv on a 16x16 map), but the GEMM convs, the 1x1 convs and the stem all want
+      channels-last, and keeping one format through the graph (BatchNorm, activations, pooling, residual adds and
+      DenseNet's concatenation keep it) saves the copies between them: over whole models channels-last everywhere
+      is 1.0-1.3x faster than mixing (densenet121 2.06x -> 2.64x of the loop at N=16).
 
-    On other devices the grouped conv (cuDNN's, or the 1x1 Triton kernel on CUDA); ``tune=True`` measures instead.
+    On other devices, and for 1d/3d convs or string padding, the grouped conv (cuDNN's, or the 1x1 Triton kernel on
+    CUDA); ``tune=True`` measures instead.
     """
-    if device.type != "cpu" or nd != 2:
+    if device.type != "cpu" or nd != 2 or isinstance(padding, str):
         return "grouped"
     ks = tuple(w_shape[3:])
-    if isinstance(padding, str):
-        return "grouped"
     st, pd, dl = _pairs(stride, nd), _pairs(padding, nd), _pairs(dilation, nd)
     taps = [lowering.live_taps(x_shape[2 + i], ks[i], st[i], pd[i], dl[i]) for i in range(nd)]
     pixels = taps[0][0] * taps[1][0]
@@ -81,13 +82,7 @@ def conv_rule(device: torch.device, x_shape: Sequence[int], w_shape: Sequence[in
         single_tap = all(t[3] for t in taps)
         if single_tap and pixels <= 16 or pixels <= 4 and w_shape[1] >= 128:
             return "gemm"
-    if w_shape[2] == 1:
-        return "channels_last"
-    if all(k == 1 for k in ks) and all(p == 0 for p in pd):
-        return "channels_last"
-    if all(s >= 8 for s in x_shape[2:]) and w_shape[2] <= 64:
-        return "channels_last"
-    return "grouped"
+    return "channels_last"
 
 
 # ---------------------------------------------------------------------------------------------------------------

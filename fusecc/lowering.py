@@ -90,6 +90,11 @@ def stacked_conv(
         # this same grouped conv elsewhere (fusecc.kernels.conv1x1)
         return kernels_conv1x1.conv1x1(x, weight.flatten(2), bias, stride=stride, shared_input=groups == 1 and n > 1)
     w = weight.flatten(0, 1)
+    if impl == "channels_last" and nd == 2 and not torch.is_grad_enabled():
+        # oneDNN converts an NCHW weight to channels-last on every call (a copy of all N weights: 1.5 ms for
+        # resnet18's layer3 convs at N=16); keep the converted one while the weight is unchanged
+        w = derived_weight(weight, ("channels_last",),
+                           lambda t: t.flatten(0, 1).contiguous(memory_format=torch.channels_last))
     b = None if bias is None else bias.flatten()
     conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
     return conv(x, w, b, stride, padding, dilation, groups)
@@ -254,6 +259,21 @@ def shared_weight_conv(x: Tensor, conv_fn: Any, batched_rank: int, *args: Any) -
     n, b = x.shape[0], x.shape[1]
     y = conv_fn(x.flatten(0, 1), *args)
     return y.reshape((n, b) + tuple(y.shape[1:]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shapes
+
+
+def cat_folded(xs: List[Tensor], n: int, d: int) -> Tensor:
+    """Per-model cat of folded tensors along their folded dim d (``[.., N*C_i, ..]`` -> ``[.., N*sum(C_i), ..]``):
+    model n's channels of every input, then the next model's. Channels-last inputs (``[B, N*C, H, W]`` whose
+    channels are the innermost dim in memory, as the convs and the GEMM convs write them) give a channels-last
+    output, so the convs that read it need no copy; anything else is concatenated in its logical (NCHW) order."""
+    if d == 1 and all(x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) for x in xs):
+        parts = [x.permute(0, 2, 3, 1).unflatten(3, (n, -1)) for x in xs]  # [B, H, W, N, C_i] views
+        return torch.cat(parts, 4).flatten(3).permute(0, 3, 1, 2)
+    return torch.cat([x.unflatten(d, (n, -1)) for x in xs], d + 1).flatten(d, d + 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -105,13 +105,14 @@ def test_gemm_lowering_keeps_the_live_taps_while_the_weight_is_unchanged():
     ((8, 8 * 512, 1, 1), (8, 512, 512, 3, 3), 1, 1, 8, "gemm"),  # resnet18 layer4 at 32x32: the centre tap, 19x
     ((8, 8 * 256, 2, 2), (8, 512, 256, 3, 3), 2, 1, 8, "gemm"),
     ((8, 8 * 256, 2, 2), (8, 256, 256, 3, 3), 1, 1, 8, "gemm"),
-    ((8, 8 * 128, 4, 4), (8, 128, 128, 3, 3), 1, 1, 8, "grouped"),
+    ((8, 8 * 128, 4, 4), (8, 128, 128, 3, 3), 1, 1, 8, "channels_last"),
     ((8, 8 * 64, 16, 16), (8, 128, 64, 1, 1), 2, 0, 8, "channels_last"),  # a 1x1 downsample to 8x8
     ((8, 8 * 64, 8, 8), (8, 128, 64, 1, 1), 2, 0, 8, "gemm"),  # ... to 4x4
     ((8, 8 * 3, 32, 32), (8, 64, 3, 7, 7), 2, 3, 8, "channels_last"),  # the stem
     ((8, 8 * 64, 8, 8), (8, 64, 64, 3, 3), 1, 1, 8, "channels_last"),
     ((8, 8 * 960, 1, 1), (8, 960, 1, 3, 3), 1, 1, 8 * 960, "channels_last"),  # depthwise: as the 1x1 convs around
-    ((8, 8 * 128, 2, 2), (8, 32, 128, 3, 3), 1, 1, 8, "grouped"),  # densenet's 3x3 at 2x2: too few outputs to gather
+    ((8, 8 * 128, 2, 2), (8, 32, 128, 3, 3), 1, 1, 8, "channels_last"),  # densenet's 3x3 at 2x2: few outputs
+    ((8, 8 * 64, 8, 8), (8, 64, 64, 3, 3), 1, "same", 8, "grouped"),  # string padding: as the model has it
 ])
 def test_conv_rule(x_shape, w_shape, stride, padding, groups, want):
     assert choose.conv_rule(torch.device("cpu"), x_shape, w_shape, stride, padding, 1, 2, groups) == want

@@ -91,3 +91,35 @@ def test_activation_memory_grows_like_n_models():
     p1, p4 = activation_peak(one, (x1,)), activation_peak(four, (x4,))
     assert p1 > 0
     assert p4 <= 4 * p1 * 1.1, (p1, p4)
+
+
+class _DenseBlock(nn.Module):
+    """DenseNet's pattern: every layer reads the concatenation of all earlier features."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(8 + 4 * i), nn.ReLU(), nn.Conv2d(8 + 4 * i, 8, 1), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)) for i in range(3))
+
+    def forward(self, x):
+        feats = [self.stem(x)]
+        for layer in self.layers:
+            feats.append(layer(torch.cat(feats, 1)))
+        return torch.cat(feats, 1).mean((2, 3))
+
+
+def test_dense_concatenation_stays_channels_last():
+    """The per-model cat of channels-last features is channels-last, so the convs reading it copy nothing: the only
+    copies are the input fold and the stem's switch to channels-last."""
+    from .utils import check_fused
+
+    models = make_models(_DenseBlock, 2)
+    for m in models:
+        m.eval()
+    x = torch.randn(2, 2, 3, 8, 8)
+    fused = check_fused(models, (x,))
+    ops = _count(fused, x).ops
+    assert sum(ops[k] for k in COPIES) <= 2, {k: ops[k] for k in COPIES}
+    assert ops["aten.cat.default"] == 4

@@ -443,10 +443,15 @@ def fuse_cat(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     p = norm_dim(const(arg(args, kwargs, 1, "dim", 0)), r)
     lays = {t.layout for t in ts}
     if len(lays) == 1:
-        lay = lays.pop()
+        lay = next(iter(lays))
         if lay.kind == "S" or lay.dim != p:  # same layout, model dim not the cat dim: one cat
             ctx.record("cat", "one cat on the fused tensors")
             return ctx.out(ctx.call(torch.cat, ts, ctx.tdim(ts[0], p)), lay)
+    if lays == {Fo(p)} and all(isinstance(t, V) for t in ts):
+        # every input folded at the cat dim (DenseNet's feature concatenation): a per-model cat that keeps
+        # channels-last data channels-last (lowering.cat_folded)
+        ctx.record("cat", "one cat on the fused tensors")
+        return ctx.out(ctx.call(lowering.cat_folded, ts, ctx.n, p), Fo(p))
     vs, d, fold_back = _common_stacked(ctx, ts)
     new = ctx.call(torch.cat, vs, p if p < d else p + 1)
     ctx.record("cat", "one cat on the fused tensors")
