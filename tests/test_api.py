@@ -199,7 +199,7 @@ def test_repr_reports_what_was_fused():
     fused(torch.randn(2, 1, 3, 6, 6))
     text = repr(fused)
     assert "Small x 2 models" in text
-    assert "grouped conv (groups = N*g)" in text and "batched GEMM" in text and "fallbacks: none" in text
+    assert "grouped conv, channels-last" in text and "batched GEMM" in text and "fallbacks: none" in text
 
 
 def test_example_inputs_compile_at_fuse_time_and_deepcopy():

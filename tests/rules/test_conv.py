@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusecc
+from fusecc import choose
 from tests.rules._layouts import Fn
 from tests.utils import assert_models_independent, check_fused, make_models
 
@@ -38,9 +39,18 @@ def test_conv(n, nd, kw, shared):
     rep = fused.fusion_report
     if shared and kw.get("groups", 1) == 1:
         assert rep.count(f"conv{nd}d", "wide conv (shared input, N*Cout output channels)") == 1
+    elif nd == 2:  # a 2d conv of per-model inputs: lowered as fusecc/choose.py's CPU rule picks
+        assert rep.count("conv2d") == 1
+        assert rep.count("conv2d", choose.CONV_HOW[_rule_pick(n, shape, models[0].fn)]) == 1
     else:
         assert rep.count(f"conv{nd}d", "grouped conv (groups = N*g)") == 1
     assert not rep.fallbacks
+
+
+def _rule_pick(n, shape, conv):
+    return choose.conv_rule(torch.device("cpu"), (shape[0], n * shape[1]) + tuple(shape[2:]),
+                            (n,) + tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, 2,
+                            conv.groups * n)
 
 
 @pytest.mark.parametrize("n", [1, 3])
