@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fusecc.kernels import conv1x1 as kernels_conv1x1
 from fusecc.kernels import layer_norm as kernels_layer_norm
@@ -118,10 +119,8 @@ def _conv_loop(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Any, p
 def gemm_conv_ok(x_shape: Any, w_shape: Any, padding: Any, groups: int, nd: int) -> bool:
     """Whether ``conv_gemm`` runs this conv: 2d, every model's conv dense (one group; a shared input: groups 1)
     and numeric padding."""
-    n, cout, cin_g = w_shape[0], w_shape[1], w_shape[2]
-    per_model_groups = 1 if groups == 1 else groups // n
-    return nd == 2 and len(x_shape) == 4 and per_model_groups == 1 and not isinstance(padding, str) and cout > 0 \
-        and cin_g > 0
+    per_model_groups = 1 if groups == 1 else groups // w_shape[0]
+    return nd == 2 and len(x_shape) == 4 and per_model_groups == 1 and not isinstance(padding, str)
 
 
 def live_taps(size: int, k: int, s: int, p: int, d: int) -> Tuple[int, int, int, bool]:
@@ -193,7 +192,7 @@ def conv_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Any, pa
     return y.reshape(b, oh, ow, n * m).permute(0, 3, 1, 2)
 
 
-_DERIVED: Any = None  # weak tensor -> {key: (stamp, derived tensor)}, made on first use
+_DERIVED = WeakIdKeyDictionary()  # parameter -> {key: (stamp, derived tensor)}
 
 
 def _tracing() -> bool:
@@ -207,13 +206,8 @@ def derived_weight(w: Tensor, key: tuple, fn: Any) -> Tensor:
     traced): an in-place update (an optimizer step, ``load_state_dict``) bumps ``w._version`` and the next call
     makes it anew; the entry goes when ``w`` does. With grad on, ``fn(w)`` runs every call, inside autograd.
     """
-    global _DERIVED
-    if torch.is_grad_enabled() or type(w) not in (Tensor, torch.nn.Parameter) or _tracing():
-        return fn(w)
-    if _DERIVED is None:
-        from torch.utils.weak import WeakIdKeyDictionary
-
-        _DERIVED = WeakIdKeyDictionary()
+    if torch.is_grad_enabled() or type(w) not in (Tensor, torch.nn.Parameter) or w.is_inference() or _tracing():
+        return fn(w)  # (an inference tensor has no version counter to watch)
     stamp = (w._version, w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device)
     entries = _DERIVED.get(w)
     if entries is None:

@@ -94,6 +94,11 @@ def test_gemm_lowering_keeps_the_live_taps_while_the_weight_is_unchanged():
         assert_close("after an in-place update", gemm(), ref())
         w.data = torch.randn(3, 5, 4, 3, 3)
         assert_close("after a new .data", gemm(), ref())
+    with torch.inference_mode():  # under inference mode, and for a weight made there (no version counter)
+        assert_close("inference mode", gemm(), ref())
+        w_inf = torch.randn(3, 5, 4, 3, 3)
+        assert_close("inference-mode weight", lowering.stacked_conv(x, w_inf, None, 1, 1, 1, 3, 2, "gemm"),
+                     lowering.stacked_conv(x, w_inf, None, 1, 1, 1, 3, 2, "grouped"))
     y = gemm()
     y.sum().backward()
     expect = torch.zeros_like(w)
