@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
-from typing import Any, Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,19 +36,6 @@ def conv_layers(model: nn.Module, x: torch.Tensor) -> List[Tuple[str, nn.Conv2d,
     for h in hooks:
         h.remove()
     return found
-
-
-def time_one(fns: Dict[str, Any], reps: int, train: bool) -> Dict[str, float]:
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    with torch.set_grad_enabled(train):
-        for fn in fns.values():
-            fn()
-        for _ in range(reps):
-            for k, fn in fns.items():
-                t = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -92,7 +77,7 @@ def main() -> None:
                 for impl in names:
                     y = lowering.stacked_conv(x, w, b, conv.stride, conv.padding, conv.dilation, groups, 2, impl)
                     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
-            ms = time_one({c: (lambda c=c: run(c)) for c in names}, a.reps, a.train)
+            ms = choose.time_candidates({c: (lambda c=c: run(c)) for c in names}, a.reps, grad=a.train)
             rule = choose.conv_rule(torch.device("cpu"), x_shape, w_shape, conv.stride, conv.padding, conv.dilation,
                                     2, groups)
             best = min(ms, key=ms.get)

@@ -129,10 +129,11 @@ class TuneCache:
             pass
 
 
-def time_candidates(fns: Dict[str, Callable[[], Any]], reps: int = 5) -> Dict[str, float]:
-    """Median milliseconds of each candidate, runs interleaved (after one warm-up each) so noise hits all alike."""
+def time_candidates(fns: Dict[str, Callable[[], Any]], reps: int = 5, grad: bool = False) -> Dict[str, float]:
+    """Median milliseconds of each candidate, runs interleaved (after one warm-up each) so noise hits all alike;
+    grad mode off unless ``grad`` (a candidate that trains turns it on itself)."""
     times: Dict[str, List[float]] = {k: [] for k in fns}
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for fn in fns.values():
             fn()
         for _ in range(reps):
