@@ -22,6 +22,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.nn.modules.utils import _pair
 
 from . import lowering
 
@@ -44,10 +45,6 @@ def conv_candidates(nd: int, x_shape: Optional[Sequence[int]] = None, w_shape: O
         return ["grouped", "loop"]
     gemm = x_shape is not None and w_shape is not None and lowering.gemm_conv_ok(x_shape, w_shape, padding, groups, nd)
     return ["grouped", "channels_last", "loop"] + (["gemm"] if gemm else [])
-
-
-def _pairs(v: Any, nd: int) -> Tuple[int, ...]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
 
 
 def conv_rule(device: torch.device, x_shape: Sequence[int], w_shape: Sequence[int], stride: Any, padding: Any,
@@ -75,7 +72,7 @@ def conv_rule(device: torch.device, x_shape: Sequence[int], w_shape: Sequence[in
     if device.type != "cpu" or nd != 2 or isinstance(padding, str):
         return "grouped"
     ks = tuple(w_shape[3:])
-    st, pd, dl = _pairs(stride, nd), _pairs(padding, nd), _pairs(dilation, nd)
+    st, pd, dl = _pair(stride), _pair(padding), _pair(dilation)  # nd == 2 here
     taps = [lowering.live_taps(x_shape[2 + i], ks[i], st[i], pd[i], dl[i]) for i in range(nd)]
     pixels = taps[0][0] * taps[1][0]
     if lowering.gemm_conv_ok(x_shape, w_shape, padding, groups or w_shape[0], nd):

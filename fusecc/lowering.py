@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fusecc.kernels import conv1x1 as kernels_conv1x1
@@ -218,10 +219,6 @@ def derived_weight(w: Tensor, key: tuple, fn: Any) -> Tensor:
     out = fn(w.detach())
     entries[key] = (stamp, out)
     return out
-
-
-def _pair(v: Any) -> Tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
 def _all_eq(v: Any, value: int) -> bool:

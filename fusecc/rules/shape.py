@@ -422,16 +422,10 @@ def fuse_gather(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
 # ------------------------------------------------------------------------------------------------ cat / stack / split
 
 
-def _common_stacked(ctx, vs: Sequence[V]) -> Tuple[List[V], int, bool]:
-    """All tensors to one stacked layout S(d) (shared ones broadcast). Returns (values, d, all_were_folded_at_d)."""
-    pm = [v for v in vs if v.per_model]
-    lead = pm[0]
-    d = lead.layout.dim
-    folded = all(v.layout == Fo(d) for v in vs)
-    out = []
-    for v in vs:
-        out.append(ctx.stacked(v, d))
-    return out, d, folded
+def _common_stacked(ctx, vs: Sequence[V]) -> Tuple[List[V], int]:
+    """All tensors to one stacked layout S(d) (shared ones broadcast). Returns (values, d)."""
+    d = next(v for v in vs if v.per_model).layout.dim
+    return [ctx.stacked(v, d) for v in vs], d
 
 
 @register_rule(torch.cat, torch.concat, torch.concatenate)
@@ -442,22 +436,16 @@ def fuse_cat(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     r = next(t for t in ts if t.per_model).rank
     p = norm_dim(const(arg(args, kwargs, 1, "dim", 0)), r)
     lays = {t.layout for t in ts}
+    ctx.record("cat", "one cat on the fused tensors")
     if len(lays) == 1:
         lay = next(iter(lays))
         if lay.kind == "S" or lay.dim != p:  # same layout, model dim not the cat dim: one cat
-            ctx.record("cat", "one cat on the fused tensors")
             return ctx.out(ctx.call(torch.cat, ts, ctx.tdim(ts[0], p)), lay)
-    if lays == {Fo(p)} and all(isinstance(t, V) for t in ts):
         # every input folded at the cat dim (DenseNet's feature concatenation): a per-model cat that keeps
         # channels-last data channels-last (lowering.cat_folded)
-        ctx.record("cat", "one cat on the fused tensors")
-        return ctx.out(ctx.call(lowering.cat_folded, ts, ctx.n, p), Fo(p))
-    vs, d, fold_back = _common_stacked(ctx, ts)
-    new = ctx.call(torch.cat, vs, p if p < d else p + 1)
-    ctx.record("cat", "one cat on the fused tensors")
-    if fold_back:
-        return ctx.out(ctx.method("flatten", new, d, d + 1), Fo(d))
-    return ctx.out(new, S(d))
+        return ctx.out(ctx.call(lowering.cat_folded, ts, ctx.n, p), lay)
+    vs, d = _common_stacked(ctx, ts)
+    return ctx.out(ctx.call(torch.cat, vs, p if p < d else p + 1), S(d))
 
 
 @register_rule(torch.stack)
@@ -467,7 +455,7 @@ def fuse_stack(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
         return ctx.out(ctx.emit_like(node, args, kwargs), None)
     r = next(t for t in ts if t.per_model).rank
     p = norm_dim(const(arg(args, kwargs, 1, "dim", 0)), r + 1)
-    vs, d, _ = _common_stacked(ctx, ts)
+    vs, d = _common_stacked(ctx, ts)
     if p <= d:
         return ctx.out(ctx.call(torch.stack, vs, p), S(d + 1))
     return ctx.out(ctx.call(torch.stack, vs, p + 1), S(d))
