@@ -195,7 +195,8 @@ class FusedModule(nn.Module):
                         f"fusecc: argument '{name}' is on {v.device}, the fused model is on {ref.device}; "
                         f"move the input (x.to('{ref.device}')) or the model (fused.to('{v.device}'))"
                     )
-                shape = v.shape if shared else v.shape[1:]
+                # int(): under torch.jit.trace sizes are traced tensors, which would make every key new
+                shape = [int(s) for s in (v.shape if shared else v.shape[1:])]
                 sig.append(("T", name, shared, len(shape), v.dtype, tuple(s == 1 for s in shape)))
                 tensors.append(v)
             elif v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.device)):
@@ -278,7 +279,15 @@ class FusedModule(nn.Module):
         key, tensors = self._signature(bound)
         entry = self._fusecc_compiled.get(key)
         if entry is None:
-            entry = self._compile(key, bound)
+            # fusecc's own compile (fx trace, shape propagation, tuning) must not be recorded by torch.jit.trace
+            tracing = torch._C._get_tracing_state()
+            if tracing is not None:
+                torch._C._set_tracing_state(None)
+            try:
+                entry = self._compile(key, bound)
+            finally:
+                if tracing is not None:
+                    torch._C._set_tracing_state(tracing)
         self.__dict__["_fusecc_last"] = entry
         return entry, tensors
 

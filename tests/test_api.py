@@ -55,6 +55,23 @@ def test_batch_size_change_reuses_the_compile():
     assert len(fused._fusecc_compiled) == 1
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:.*torch.jit.*deprecated:FutureWarning")
+@pytest.mark.parametrize("called_first", [False, True], ids=["fresh", "compiled"])
+def test_torch_jit_trace_of_the_fused_module(called_first):
+    """torch.jit.trace(fused, x) directly (fusecc.export is the documented way): it crashed torch's tracer
+    (segfault) when the traced input sizes went into the compile key and fusecc compiled under the tracer."""
+    models = [nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval() for _ in range(2)]
+    fused = fusecc.fuse(models)
+    x = torch.randn(2, 4, 6)
+    if called_first:
+        fused(x)
+    with torch.no_grad():
+        traced = torch.jit.trace(fused, (x,), check_trace=False)
+    assert len(fused._fusecc_compiled) == 1
+    x2 = torch.randn(2, 4, 6)
+    assert_close("traced", traced(x2), run_each(models, (x2,)))
+
+
 def test_mixed_shared_and_per_model_inputs():
     models = make_models(MultiIO, 3)
     fused = fusecc.fuse(models, shared_inputs=["y"])
