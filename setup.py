@@ -12,6 +12,7 @@ setup(
     description="Fuse N same-architecture PyTorch models into one module that runs all N at once",
     packages=["fusecc", "fusecc.rules", "fusecc.optim", "fusecc.kernels"] + [f"fusecc.kernels.{op}" for op in _OPS],
     package_dir={"fusecc.kernels": "kernels"},
+    package_data={"fusecc.kernels.linear": ["*.c"]},  # compiled at first use (kernels/linear/cpu.py)
     python_requires=">=3.10",
     install_requires=["torch==2.14.1", "numpy", "safetensors==0.8.0", "tqdm"],
     entry_points={"console_scripts": ["fusecc = fusecc.cli:main"]},

@@ -34,7 +34,8 @@ CONV_HOW = {
 }
 
 
-LINEAR_HOW = {"bmm": "batched GEMM (baddbmm)", "loop": "per-model loop (N GEMMs)"}
+# "bmm": on the CPU, fp32 inference with 2-32 rows per model runs fusecc's small-batch kernel (kernels/linear/cpu.py)
+LINEAR_HOW = {"bmm": "batched GEMM (baddbmm / CPU small-batch kernel)", "loop": "per-model loop (N GEMMs)"}
 
 
 def conv_candidates(nd: int, x_shape: Optional[Sequence[int]] = None, w_shape: Optional[Sequence[int]] = None,

@@ -95,6 +95,13 @@ def use_triton(tensors: Sequence[Optional[torch.Tensor]], backend: Optional[str]
     return True
 
 
+def use_cpu_kernels(backend: Optional[str] = None, op: str = "") -> bool:
+    """Whether a CPU call may run fusecc's C kernels (kernels/linear/cpu.py): under "auto" only; "reference" means
+    aten ops only."""
+    name = default_backend() if backend is None else _check(backend, f"backend= of {op or 'a kernel call'}")
+    return name == "auto"
+
+
 def _is_fake(t: Any) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 

@@ -16,6 +16,8 @@ import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusecc
+from fusecc.kernels import _backend
+from fusecc.kernels.linear import cpu
 
 from .utils import make_models
 
@@ -70,10 +72,15 @@ def test_mlp_has_no_layout_copy():
                              nn.Linear(512, 10))
 
     fused = fusecc.fuse(make_models(mlp, 3)).eval()
+    launches = _backend.launch_counts["small_gemm"]
     ops = _count(fused, torch.randn(3, 8, 1, 28, 28)).ops
+    launches = (_backend.launch_counts["small_gemm"] - launches) // 2  # _count calls twice
     assert sum(ops[k] for k in COPIES) == 0, dict(ops)
     assert not fused.fusion_report.conversions
-    assert ops["aten.baddbmm.default"] == 3  # one batched GEMM per layer, relu on its output
+    # one batched GEMM per layer, relu in its epilogue or in place on its output: at batch 8 on the CPU, fusecc's
+    # small-batch kernel where it is built, else baddbmm
+    assert launches == (3 if cpu.library() is not None else 0)
+    assert ops["aten.baddbmm.default"] + launches == 3, dict(ops)
 
 
 def test_activation_memory_grows_like_n_models():

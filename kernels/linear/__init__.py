@@ -2,7 +2,9 @@
 
 ``batched_linear`` takes one input per model (``[N, *, K]``); ``wide_linear`` one input shared by all models
 (``[*, K]``, read once) and returns the N outputs side by side (``[*, N*M]``, model-major). On CUDA tensors they
-run the Triton kernels (kernels/linear/triton.py); anywhere else the aten reference (``reference.py``).
+run the Triton kernels (kernels/linear/triton.py); on the CPU, for fp32 inference with 2-32 rows per model, the C
+kernel of ``cpu.py`` (a GEMM that streams the weights once; 1.2-1.9x faster than MKL's bmm there); anywhere else
+the aten reference (``reference.py``). The backend "reference" runs the aten reference everywhere.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Optional
 from torch import Tensor
 
 from .. import _backend
-from . import reference
+from . import cpu, reference
 from .reference import ACTIVATIONS
 
 __all__ = ["batched_linear", "wide_linear", "ACTIVATIONS"]
@@ -63,7 +65,10 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act
     lead = tuple(x.shape[1:-1])
     x3 = x.reshape(n, -1, k)
     if not _backend.use_triton([x, weight, bias], backend, "batched_linear"):
-        y = reference.batched_linear(x3, weight, bias, act)
+        if _backend.use_cpu_kernels(backend, "batched_linear") and cpu.applies(x3, weight, bias):
+            y = cpu.small_gemm(x3, weight, bias, act)
+        else:
+            y = reference.batched_linear(x3, weight, bias, act)
     else:
         _backend.check_dtypes("batched_linear", x=x, weight=weight, bias=bias)
         y = _apply(x3, weight, bias, act, False, False)
@@ -92,7 +97,12 @@ def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: s
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, k)
     if not _backend.use_triton([x, weight, bias], backend, "wide_linear"):
-        y = reference.wide_linear(x2, weight, bias, act)
+        if _backend.use_cpu_kernels(backend, "wide_linear") and cpu.applies(x2[None], weight, bias):
+            # one "model" with the N weights side by side: [R, N*M], model-major, as the reference's
+            y = cpu.small_gemm(x2[None], weight.reshape(1, n * m, k), None if bias is None else bias.reshape(1, -1),
+                               act)[0]
+        else:
+            y = reference.wide_linear(x2, weight, bias, act)
     else:
         _backend.check_dtypes("wide_linear", x=x, weight=weight, bias=bias)
         y = _apply(x2, weight, bias, act, True, True).permute(1, 0, 2).reshape(x2.shape[0], n * m)

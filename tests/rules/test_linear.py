@@ -49,7 +49,7 @@ def test_linear(n, shape, bias, shared):
     models = make_models(lambda: Lin(7, 11, bias), n)
     x = torch.randn(*shape) if shared else torch.randn(n, *shape)
     fused = check_fused(models, (x,), shared=shared)
-    how = "wide GEMM (shared input, N weights concatenated)" if shared else "batched GEMM (baddbmm)"
+    how = "wide GEMM (shared input, N weights concatenated)" if shared else "batched GEMM (baddbmm / CPU small-batch kernel)"
     assert fused.fusion_report.count("linear", how) == 1
     assert not fused.fusion_report.fallbacks
 
@@ -78,7 +78,7 @@ def test_shared_input_is_one_wide_gemm():
     fused = fusecc.fuse(models, shared_inputs=True)
     fused(torch.randn(2, 7))
     assert fused.fusion_report.count("linear", "wide GEMM (shared input, N weights concatenated)") == 1
-    assert fused.fusion_report.count("linear", "batched GEMM (baddbmm)") == 2
+    assert fused.fusion_report.count("linear", "batched GEMM (baddbmm / CPU small-batch kernel)") == 2
     assert "expand" not in fused.fusion_report.conversions  # the shared input was never copied N times
 
 

@@ -1,0 +1,177 @@
+"""The CPU kernel for per-model linears with few rows per model (fp32 inference): cpu_gemm.c.
+
+An MLP fleet at batch 8, or a conv on a 1x1 map, is a batched GEMM with a handful of rows per model: reading the
+N weight matrices is the whole cost. torch's ``bmm`` (MKL) packs every weight on each call and reads the weights at
+about 11 GB/s on this project's 2-core machine; cpu_gemm.c streams each weight once, at 15-27 GB/s
+(bench/bench_small_gemm.py has the figures).
+
+The C source is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``) into the fusecc
+cache (``$FUSECC_CACHE_DIR`` or ``~/.cache/fusecc``), keyed by the source, the compiler and its flags; it is
+loaded with ctypes. Where it cannot be built (no compiler, no AVX2/FMA, not x86-64) one warning says why and
+fusecc runs torch's ``bmm`` instead: same results, slower. ``FUSECC_CPU_KERNELS=0`` turns it off,
+``status()`` says whether it is in use.
+
+It is used only where nothing can see it: CPU fp32 tensors, grad mode off or no operand needing a gradient, not
+while tracing/scripting/compiling (TorchScript, torch.export and inductor see torch's ops), and at most
+``MIN_ROWS`` to ``MAX_ROWS`` rows per model (above that MKL's packing pays for itself).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .reference import activation_
+
+# rows per model where the kernel beats MKL's bmm at N=16 (bench/bench_small_gemm.py: 1.2-1.9x at 4-32 rows,
+# even at 64; with one row MKL's GEMV is 5-20% faster)
+MIN_ROWS, MAX_ROWS = 2, 32
+ACT_CODES = {"none": 0, "relu": 1}  # in the kernel's epilogue; gelu and silu run in place on its output
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c99", "-shared", "-fPIC")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemm.c")
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": the loaded CDLL or None, "why": the reason it is not in use
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("FUSECC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fusecc")
+    return os.path.join(root, "cpu-kernels")
+
+
+def _compiler() -> Optional[str]:
+    cc = os.environ.get("CC")
+    return shutil.which(cc) if cc else (shutil.which("cc") or shutil.which("gcc"))
+
+
+def _build() -> Tuple[Optional[ctypes.CDLL], str]:
+    """(the loaded library, "") or (None, why not)."""
+    if os.environ.get("FUSECC_CPU_KERNELS", "1") in ("0", "off", "false", ""):
+        return None, "turned off by FUSECC_CPU_KERNELS=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"needs an x86-64 CPU, this is {platform.machine()}"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None, f"needs AVX2 and FMA; torch reports CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (set $CC, or install gcc)"
+    with open(SOURCE, "rb") as f:
+        src = f.read()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"{cc} --version failed: {e}"
+    key = hashlib.sha256(src + "\0".join((cc, version) + FLAGS).encode()).hexdigest()[:16]
+    path = os.path.join(_cache_dir(), f"cpu_gemm-{key}.so")
+    if not os.path.exists(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+            os.close(fd)
+            proc = subprocess.run([cc, *FLAGS, SOURCE, "-o", tmp], capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                os.unlink(tmp)
+                return None, f"{cc} failed to compile {SOURCE}: {proc.stderr.strip()[-500:]}"
+            os.replace(tmp, path)  # atomic: processes building at once each rename a complete library
+        except (OSError, subprocess.SubprocessError) as e:
+            return None, f"could not build {path}: {e}"
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as e:
+        return None, f"could not load {path}: {e}"
+    fn = lib.fusecc_small_gemm
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64,
+                   ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return lib, ""
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernel library, built on first use; None (after one warning) where it cannot be."""
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                lib, why = _build()
+                _state["why"] = why
+                _state["lib"] = lib
+                if lib is None and not why.startswith("turned off"):
+                    warnings.warn(f"fusecc: the CPU small-batch GEMM kernel is not in use ({why}); per-model "
+                                  "linears with few rows run on torch's bmm instead (same results, slower). "
+                                  "FUSECC_CPU_KERNELS=0 silences this.", RuntimeWarning, stacklevel=3)
+    return _state["lib"]
+
+
+def status() -> str:
+    """"in use: <path>" or "not in use: <why>"."""
+    lib = library()
+    return f"in use: {lib._name}" if lib is not None else f"not in use: {_state['why']}"
+
+
+def _reset() -> None:
+    """Forget the loaded library (tests: rebuild under another environment)."""
+    with _lock:
+        _state.clear()
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
+def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether ``small_gemm`` may run this per-model linear (x ``[N, R, K]``, weight ``[N, O, K]``)."""
+    if _tracing() or x.dim() != 3 or weight.dim() != 3 or not MIN_ROWS <= x.shape[1] <= MAX_ROWS:
+        return False
+    ts = (x, weight) if bias is None else (x, weight, bias)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.is_sparse or t.is_mkldnn or t.is_quantized
+           or type(t) not in (Tensor, torch.nn.Parameter) for t in ts):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return False
+    if torch._C._is_any_autocast_enabled():
+        return False
+    return library() is not None
+
+
+def _rows(t: Tensor) -> Tensor:
+    """t with a contiguous last dim (a view when it already is)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def small_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "none",
+               out: Optional[Tensor] = None) -> Tensor:
+    """``act(x[n] @ weight[n]^T + bias[n])`` for every n; x ``[N, R, K]``, weight ``[N, O, K]``, bias ``[N, O]``.
+
+    ``out`` ``[N, R, O]`` (any strides with a contiguous last dim) receives the result; one is allocated when None.
+    The caller checks ``applies`` first.
+    """
+    n, r, k = x.shape
+    o = weight.shape[1]
+    x, weight = _rows(x), _rows(weight)
+    if bias is not None:
+        bias = bias.contiguous()
+    if out is None:
+        out = _backend.new_empty((n, r, o), x)
+    elif out.shape != (n, r, o) or out.stride(-1) != 1 or out.dtype != x.dtype:
+        raise ValueError(f"fusecc.kernels.linear.cpu: out must be [{n}, {r}, {o}] float32 with a contiguous last "
+                         f"dim, got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    if out.numel():
+        lib = library()
+        _backend.launch_counts["small_gemm"] += 1
+        bp, sbn = (bias.data_ptr(), bias.stride(0)) if bias is not None else (None, 0)
+        lib.fusecc_small_gemm(x.data_ptr(), x.stride(0), x.stride(1), weight.data_ptr(), weight.stride(0),
+                              weight.stride(1), bp, sbn, 1, out.data_ptr(), out.stride(0), out.stride(1),
+                              n, r, k, o, ACT_CODES.get(act, 0), torch.get_num_threads())
+    return out if act in ACT_CODES else activation_(out, act)
