@@ -126,13 +126,24 @@ def _reset() -> None:
         _state.clear()
 
 
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+def available() -> bool:
+    """Whether the kernel is built and loaded (building it on first use)."""
+    return library() is not None
+
+
+# torch.compile runs available() once while tracing and keeps its result (torch.compiler.assume_constant_result,
+# whose decorator would import torch._dynamo at `import fusecc`: it only sets this attribute)
+available._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    """Whether ``small_gemm`` may run this per-model linear (x ``[N, R, K]``, weight ``[N, O, K]``)."""
-    if _tracing() or x.dim() != 3 or weight.dim() != 3 or not MIN_ROWS <= x.shape[1] <= MAX_ROWS:
+    """Whether ``small_gemm`` may run this per-model linear (x ``[N, R, K]``, weight ``[N, O, K]``).
+
+    Never under torch.jit.trace/script (a TorchScript artifact must hold aten ops only); under torch.compile the
+    kernel runs as the custom op ``torch.ops.fusecc.small_gemm``."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if x.dim() != 3 or weight.dim() != 3 or not MIN_ROWS <= x.shape[1] <= MAX_ROWS:
         return False
     ts = (x, weight) if bias is None else (x, weight, bias)
     if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.is_sparse or t.is_mkldnn or t.is_quantized
@@ -140,9 +151,9 @@ def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
         return False
-    if torch._C._is_any_autocast_enabled():
+    if torch.is_autocast_enabled("cpu"):
         return False
-    return library() is not None
+    return available()
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -157,6 +168,11 @@ def small_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "no
     ``out`` ``[N, R, O]`` (any strides with a contiguous last dim) receives the result; one is allocated when None.
     The caller checks ``applies`` first.
     """
+    if torch.compiler.is_compiling():
+        if out is not None:
+            raise ValueError("fusecc.kernels.linear.cpu.small_gemm: out= is for eager calls, not under torch.compile")
+        y = torch.ops.fusecc.small_gemm(x, weight, bias, ACT_CODES.get(act, 0))
+        return y if act in ACT_CODES else activation_(y, act)
     n, r, k = x.shape
     o = weight.shape[1]
     x, weight = _rows(x), _rows(weight)
@@ -167,11 +183,31 @@ def small_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "no
     elif out.shape != (n, r, o) or out.stride(-1) != 1 or out.dtype != x.dtype:
         raise ValueError(f"fusecc.kernels.linear.cpu: out must be [{n}, {r}, {o}] float32 with a contiguous last "
                          f"dim, got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    _launch(x, weight, bias, ACT_CODES.get(act, 0), out)
+    return out if act in ACT_CODES else activation_(out, act)
+
+
+def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: int, out: Tensor) -> None:
+    n, r, k = x.shape
+    o = weight.shape[1]
     if out.numel():
-        lib = library()
         _backend.launch_counts["small_gemm"] += 1
         bp, sbn = (bias.data_ptr(), bias.stride(0)) if bias is not None else (None, 0)
-        lib.fusecc_small_gemm(x.data_ptr(), x.stride(0), x.stride(1), weight.data_ptr(), weight.stride(0),
-                              weight.stride(1), bp, sbn, 1, out.data_ptr(), out.stride(0), out.stride(1),
-                              n, r, k, o, ACT_CODES.get(act, 0), torch.get_num_threads())
-    return out if act in ACT_CODES else activation_(out, act)
+        library().fusecc_small_gemm(x.data_ptr(), x.stride(0), x.stride(1), weight.data_ptr(), weight.stride(0),
+                                    weight.stride(1), bp, sbn, 1, out.data_ptr(), out.stride(0), out.stride(1),
+                                    n, r, k, o, act, torch.get_num_threads())
+
+
+@torch.library.custom_op("fusecc::small_gemm", mutates_args=(), device_types="cpu")
+def _small_gemm_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: int) -> Tensor:
+    """The kernel as an op torch.compile can put in its graph (inductor calls it as an external kernel)."""
+    x, weight = _rows(x), _rows(weight)
+    bias = None if bias is None else bias.contiguous()
+    out = _backend.new_empty((x.shape[0], x.shape[1], weight.shape[1]), x)
+    _launch(x, weight, bias, act, out)
+    return out
+
+
+@_small_gemm_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: int) -> Tensor:
+    return x.new_empty((x.shape[0], x.shape[1], weight.shape[1]))
