@@ -195,9 +195,13 @@ class FusedModule(nn.Module):
                         f"fusecc: argument '{name}' is on {v.device}, the fused model is on {ref.device}; "
                         f"move the input (x.to('{ref.device}')) or the model (fused.to('{v.device}'))"
                     )
-                # int(): under torch.jit.trace sizes are traced tensors, which would make every key new
-                shape = [int(s) for s in (v.shape if shared else v.shape[1:])]
-                sig.append(("T", name, shared, len(shape), v.dtype, tuple(s == 1 for s in shape)))
+                shape = v.shape if shared else v.shape[1:]
+                if torch.jit.is_tracing():  # sizes are traced tensors there, which would make every key new
+                    shape = [int(s) for s in shape]
+                # under torch.compile with dynamic shapes a size is a SymInt and `s == 1` a symbolic bool, which
+                # dynamo cannot compare with the cached keys: the `if` makes it a guarded Python bool
+                ones = tuple(True if s == 1 else False for s in shape)
+                sig.append(("T", name, shared, len(shape), v.dtype, ones))
                 tensors.append(v)
             elif v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.device)):
                 sig.append(("C", name, v))

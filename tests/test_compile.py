@@ -47,3 +47,38 @@ def test_compiled_training_step():
     assert_close("out", y, ref)
     for name, p in fused.named_parameters():
         assert_close(f"d{name}", p.grad, torch.stack([m.get_parameter(name).grad for m in models]))
+
+
+@pytest.mark.slow
+def test_compiled_inference_runs_the_cpu_kernel_in_one_graph():
+    """At batch 8 the linears run fusecc's CPU small-batch kernel; under torch.compile as the custom op
+    torch.ops.fusecc.small_gemm, in one graph (fullgraph), with the eager results."""
+    from fusecc.kernels import _backend
+    from fusecc.kernels.linear import cpu
+
+    if not cpu.available():
+        pytest.skip(f"CPU kernel not built: {cpu.status()}")
+    models = [m.eval() for m in make_models(lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)), 3)]
+    x = torch.randn(3, 8, 12)
+    fused = fusecc.fuse(models, example_inputs=x)
+    compiled = torch.compile(fused, fullgraph=True)
+    with torch.no_grad():
+        before = _backend.launch_counts["small_gemm"]
+        y = compiled(x)
+        assert _backend.launch_counts["small_gemm"] - before >= 2
+        assert_close("compiled", y, run_each(models, (x,)))
+
+
+@pytest.mark.slow
+def test_two_compiled_fleets_with_different_batch_sizes():
+    """The second fleet's batch size makes dynamo trace the batch dim as a symbol (automatic dynamic shapes: the
+    same FusedModule.forward code seen with another size); fusecc's compile-cache key then held a symbolic
+    `size == 1`, which dynamo could not compare with the cached keys (InternalTorchDynamoError)."""
+    for batches in ((5,), (8, 11)):
+        models = [m.eval() for m in make_models(lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(),
+                                                                       nn.Linear(16, 3)), 3)]
+        compiled = torch.compile(fusecc.fuse(models, example_inputs=torch.randn(3, batches[0], 12)))
+        with torch.no_grad():
+            for b in batches:
+                x = torch.randn(3, b, 12)
+                assert_close(f"batch {b}", compiled(x), run_each(models, (x,)))
