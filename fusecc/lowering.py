@@ -210,8 +210,10 @@ def derived_weight(w: Tensor, key: tuple, fn: Any) -> Tensor:
     traced): an in-place update (an optimizer step, ``load_state_dict``) bumps ``w._version`` and the next call
     makes it anew; the entry goes when ``w`` does. With grad on, ``fn(w)`` runs every call, inside autograd.
     """
-    if torch.is_grad_enabled() or type(w) not in (Tensor, torch.nn.Parameter) or w.is_inference() or _tracing():
-        return fn(w)  # (an inference tensor has no version counter to watch)
+    # _tracing() first: torch.compile breaks the graph at w.is_inference() (an inference tensor has no version
+    # counter to watch)
+    if _tracing() or torch.is_grad_enabled() or type(w) not in (Tensor, torch.nn.Parameter) or w.is_inference():
+        return fn(w)
     stamp = (w._version, w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device)
     entries = _DERIVED.get(w)
     if entries is None:

@@ -82,3 +82,17 @@ def test_two_compiled_fleets_with_different_batch_sizes():
             for b in batches:
                 x = torch.randn(3, b, 12)
                 assert_close(f"batch {b}", compiled(x), run_each(models, (x,)))
+
+
+@pytest.mark.slow
+def test_gemm_convs_compile_in_one_graph():
+    """3x3 convs on a 1x1 map run as their centre tap (a re-laid-out weight, lowering.derived_weight): one graph
+    under torch.compile (a check in derived_weight broke the graph at every such conv, and inductor's time doubled)."""
+    models = [m.eval() for m in make_models(lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                                                  nn.Conv2d(8, 16, 3, padding=1)), 2)]
+    x = torch.randn(2, 4, 3, 1, 1)
+    fused = fusecc.fuse(models, example_inputs=x)
+    assert fused.fusion_report.count("conv2d", "per-model GEMM over the live taps") == 2
+    compiled = torch.compile(fused, fullgraph=True)
+    with torch.no_grad():
+        assert_close("compiled", compiled(x), run_each(models, (x,)))
