@@ -74,9 +74,14 @@ def triton_available() -> bool:
     return True
 
 
+def resolve(backend: Optional[str], op: str = "") -> str:
+    """The backend a call runs on: ``backend`` (checked) or, when None, ``default_backend()``."""
+    return default_backend() if backend is None else _check(backend, f"backend= of {op or 'a kernel call'}")
+
+
 def use_triton(tensors: Sequence[Optional[torch.Tensor]], backend: Optional[str] = None, op: str = "") -> bool:
     """Whether a call with these tensor arguments runs its Triton kernel (True) or its reference (False)."""
-    name = default_backend() if backend is None else _check(backend, f"backend= of {op or 'a kernel call'}")
+    name = resolve(backend, op)
     if name == "reference":
         return False
     ts = [t for t in tensors if t is not None]
@@ -98,8 +103,7 @@ def use_triton(tensors: Sequence[Optional[torch.Tensor]], backend: Optional[str]
 def use_cpu_kernels(backend: Optional[str] = None, op: str = "") -> bool:
     """Whether a CPU call may run fusecc's C kernels (kernels/linear/cpu.py): under "auto" only; "reference" means
     aten ops only."""
-    name = default_backend() if backend is None else _check(backend, f"backend= of {op or 'a kernel call'}")
-    return name == "auto"
+    return resolve(backend, op) == "auto"
 
 
 def _is_fake(t: Any) -> bool:

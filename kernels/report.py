@@ -50,9 +50,9 @@ def main(argv=None) -> int:
             infos.append(info)
             if a.json:
                 row = {f.name: getattr(info, f.name) for f in dataclasses.fields(info) if f.name != "spec"}
-                row.update(op=spec.op, name=spec.name, kernel=_kernel_name(spec.kernel), num_warps=spec.num_warps, num_stages=spec.num_stages,
-                           config={k: v for k, v in spec.constexprs.items() if k.isupper()}, shape=spec.shape,
-                           shared_limit=SHARED_LIMIT.get(arch))
+                row.update(op=spec.op, name=spec.name, kernel=_kernel_name(spec.kernel), num_warps=spec.num_warps,
+                           num_stages=spec.num_stages, shape=spec.shape, shared_limit=SHARED_LIMIT.get(arch),
+                           config={k: v for k, v in spec.constexprs.items() if k.isupper()})
                 print(json.dumps(row, default=str), flush=True)
     if not a.json:
         head = (f"{'kernel':<34} {'arch':>5} {'regs':>5} {'spill B':>8} {'smem KB':>8} {'warps':>5} {'stages':>6}"

@@ -50,7 +50,7 @@ def test_compiled_training_step():
 
 
 @pytest.mark.slow
-def test_compiled_inference_runs_the_cpu_kernel_in_one_graph():
+def test_compiled_inference_runs_the_cpu_kernel_in_one_graph(monkeypatch):
     """At batch 8 the linears run fusecc's CPU small-batch kernel; under torch.compile as the custom op
     torch.ops.fusecc.small_gemm, in one graph (fullgraph), with the eager results."""
     from fusecc.kernels import _backend
@@ -58,6 +58,7 @@ def test_compiled_inference_runs_the_cpu_kernel_in_one_graph():
 
     if not cpu.available():
         pytest.skip(f"CPU kernel not built: {cpu.status()}")
+    monkeypatch.setattr(cpu, "MIN_WEIGHTS", 0)  # small layers, which run bmm by default
     models = [m.eval() for m in make_models(lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)), 3)]
     x = torch.randn(3, 8, 12)
     fused = fusecc.fuse(models, example_inputs=x)

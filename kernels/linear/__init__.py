@@ -2,9 +2,9 @@
 
 ``batched_linear`` takes one input per model (``[N, *, K]``); ``wide_linear`` one input shared by all models
 (``[*, K]``, read once) and returns the N outputs side by side (``[*, N*M]``, model-major). On CUDA tensors they
-run the Triton kernels (kernels/linear/triton.py); on the CPU, for fp32 inference with 2-32 rows per model, the C
-kernel of ``cpu.py`` (a GEMM that streams the weights once; 1.2-1.9x faster than MKL's bmm there); anywhere else
-the aten reference (``reference.py``). The backend "reference" runs the aten reference everywhere.
+run the Triton kernels (kernels/linear/triton.py); on the CPU, for fp32 inference with 2-32 rows per model and
+at least 1 MB of weights, the C kernel of ``cpu.py`` (a GEMM that streams the weights once; 1.0-2.4x faster than
+MKL's bmm there); anywhere else the aten reference (``reference.py``). The backend "reference" runs the aten reference everywhere.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act
     """
     _check("batched_linear", x, weight, bias, act, True)
     n, m, k = weight.shape
-    lead = tuple(x.shape[1:-1])
-    x3 = x.reshape(n, -1, k)
+    flat = x.dim() == 3  # the usual [N, B, K]: no reshapes (each costs microseconds on a small layer)
+    x3 = x if flat else x.reshape(n, -1, k)
+    backend = _backend.resolve(backend, "batched_linear")  # once: it reads the environment
     if not _backend.use_triton([x, weight, bias], backend, "batched_linear"):
         if _backend.use_cpu_kernels(backend, "batched_linear") and cpu.applies(x3, weight, bias):
             y = cpu.small_gemm(x3, weight, bias, act)
@@ -72,7 +73,7 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act
     else:
         _backend.check_dtypes("batched_linear", x=x, weight=weight, bias=bias)
         y = _apply(x3, weight, bias, act, False, False)
-    return y.reshape((n,) + lead + (m,))
+    return y if flat else y.reshape((n,) + tuple(x.shape[1:-1]) + (m,))
 
 
 def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: str = "none", *,
@@ -96,6 +97,7 @@ def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: s
     n, m, k = weight.shape
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, k)
+    backend = _backend.resolve(backend, "wide_linear")
     if not _backend.use_triton([x, weight, bias], backend, "wide_linear"):
         if _backend.use_cpu_kernels(backend, "wide_linear") and cpu.applies(x2[None], weight, bias):
             # one "model" with the N weights side by side: [R, N*M], model-major, as the reference's

@@ -13,7 +13,8 @@ fusecc runs torch's ``bmm`` instead: same results, slower. ``FUSECC_CPU_KERNELS=
 
 It is used only where nothing can see it: CPU fp32 tensors, grad mode off or no operand needing a gradient, not
 while tracing/scripting/compiling (TorchScript, torch.export and inductor see torch's ops), and at most
-``MIN_ROWS`` to ``MAX_ROWS`` rows per model (above that MKL's packing pays for itself).
+``MIN_ROWS`` to ``MAX_ROWS`` rows per model (above that MKL's packing pays for itself) and at least
+``MIN_WEIGHTS`` weight elements.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from .reference import activation_
 # rows per model where the kernel beats MKL's bmm at N=16 (bench/bench_small_gemm.py: 1.2-1.9x at 4-32 rows,
 # even at 64; with one row MKL's GEMV is 5-20% faster)
 MIN_ROWS, MAX_ROWS = 2, 32
+# below this many weight elements (all models) the layer sits in cache and the call overhead decides: bmm's is
+# smaller (8 x Linear(64, 64): 14 vs 22 us; 8 x Linear(256, 128): the kernel 1.06x faster)
+MIN_WEIGHTS = 256 * 1024
 ACT_CODES = {"none": 0, "relu": 1}  # in the kernel's epilogue; gelu and silu run in place on its output
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c99", "-shared", "-fPIC")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemm.c")
@@ -143,10 +147,11 @@ def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     kernel runs as the custom op ``torch.ops.fusecc.small_gemm``."""
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
-    if x.dim() != 3 or weight.dim() != 3 or not MIN_ROWS <= x.shape[1] <= MAX_ROWS:
+    if x.dim() != 3 or weight.dim() != 3 or not MIN_ROWS <= x.shape[1] <= MAX_ROWS or weight.numel() < MIN_WEIGHTS:
         return False
     ts = (x, weight) if bias is None else (x, weight, bias)
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.is_sparse or t.is_mkldnn or t.is_quantized
+    # (float32 rules out quantized tensors; the strided layout sparse and mkldnn ones)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.layout != torch.strided
            or type(t) not in (Tensor, torch.nn.Parameter) for t in ts):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):

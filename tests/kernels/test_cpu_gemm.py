@@ -21,6 +21,12 @@ from ._util import assert_close
 pytestmark = pytest.mark.skipif(cpu.library() is None, reason=f"CPU kernel not built: {cpu.status()}")
 
 
+@pytest.fixture(autouse=True)
+def _small_layers_too(monkeypatch):
+    """The dispatch tests use small layers, which bmm runs below cpu.MIN_WEIGHTS (test_min_weights checks that)."""
+    monkeypatch.setattr(cpu, "MIN_WEIGHTS", 0)
+
+
 def _ref(x, w, b, act):
     return reference.activation(torch.bmm(x, w.transpose(1, 2)) + (0 if b is None else b.unsqueeze(1)), act)
 
@@ -97,6 +103,21 @@ def test_batched_linear_dispatch():
         with use_backend("reference"):
             _, ran = _runs_kernel(lambda: batched_linear(x, w, b))
         assert ran == 0, "use_backend('reference')"
+
+
+def test_min_weights(monkeypatch):
+    """Layers whose weights sit in cache run bmm (its call overhead is smaller); from MIN_WEIGHTS on, the kernel."""
+    monkeypatch.undo()
+    assert cpu.MIN_WEIGHTS > 0
+    k = 64
+    small = torch.randn(2, cpu.MIN_WEIGHTS // (2 * k) - 1, k)
+    big = torch.randn(2, cpu.MIN_WEIGHTS // (2 * k), k)
+    x = torch.randn(2, 8, k)
+    with torch.no_grad():
+        assert _runs_kernel(lambda: batched_linear(x, small))[1] == 0
+        y, ran = _runs_kernel(lambda: batched_linear(x, big))
+    assert ran == 1
+    assert_close("at MIN_WEIGHTS", y, _ref(x, big, None, "none"), torch.float32)
 
 
 def test_not_under_grad():

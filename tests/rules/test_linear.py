@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusecc
+from fusecc import choose
 from tests.utils import assert_models_independent, check_fused, make_models
 
 NS = [1, 3, 8]
@@ -49,7 +50,7 @@ def test_linear(n, shape, bias, shared):
     models = make_models(lambda: Lin(7, 11, bias), n)
     x = torch.randn(*shape) if shared else torch.randn(n, *shape)
     fused = check_fused(models, (x,), shared=shared)
-    how = "wide GEMM (shared input, N weights concatenated)" if shared else "batched GEMM (baddbmm / CPU small-batch kernel)"
+    how = choose.LINEAR_HOW["bmm"] if not shared else "wide GEMM (shared input, N weights concatenated)"
     assert fused.fusion_report.count("linear", how) == 1
     assert not fused.fusion_report.fallbacks
 
