@@ -2,7 +2,7 @@
 
 An MLP fleet at batch 8, or a conv on a 1x1 map, is a batched GEMM with a handful of rows per model: reading the
 N weight matrices is the whole cost. torch's ``bmm`` (MKL) packs every weight on each call and reads the weights at
-about 11 GB/s on this project's 2-core machine; cpu_gemm.c streams each weight once, at 15-27 GB/s
+9-11 GB/s on this project's 2-core machine; cpu_gemm.c streams each weight once, at 22-32 GB/s from DRAM
 (bench/bench_small_gemm.py has the figures).
 
 The C source is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``) into the fusecc
@@ -11,10 +11,11 @@ loaded with ctypes. Where it cannot be built (no compiler, no AVX2/FMA, not x86-
 fusecc runs torch's ``bmm`` instead: same results, slower. ``FUSECC_CPU_KERNELS=0`` turns it off,
 ``status()`` says whether it is in use.
 
-It is used only where nothing can see it: CPU fp32 tensors, grad mode off or no operand needing a gradient, not
-while tracing/scripting/compiling (TorchScript, torch.export and inductor see torch's ops), and at most
+It is used for CPU fp32 tensors with grad mode off or no operand needing a gradient (it has no backward),
 ``MIN_ROWS`` to ``MAX_ROWS`` rows per model (above that MKL's packing pays for itself) and at least
-``MIN_WEIGHTS`` weight elements.
+``MIN_WEIGHTS`` weight elements; never under torch.jit.trace/script (a TorchScript artifact holds aten ops only,
+and ``fusecc.export`` runs the aten reference). Under torch.compile it runs as the custom op
+``torch.ops.fusecc.small_gemm``.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from torch import Tensor
 from .. import _backend
 from .reference import activation_
 
-# rows per model where the kernel beats MKL's bmm at N=16 (bench/bench_small_gemm.py: 1.2-1.9x at 4-32 rows,
-# even at 64; with one row MKL's GEMV is 5-20% faster)
+# rows per model where the kernel beats MKL's bmm at N=16 (bench/bench_small_gemm.py, cold caches: 1.6-2.4x at
+# 2-8 rows, 1.0-1.5x at 16-32; mixed at 1 row, where MKL runs a GEMV, and at 64)
 MIN_ROWS, MAX_ROWS = 2, 32
 # below this many weight elements (all models) the layer sits in cache and the call overhead decides: bmm's is
 # smaller (8 x Linear(64, 64): 14 vs 22 us; 8 x Linear(256, 128): the kernel 1.06x faster)
