@@ -34,7 +34,8 @@ CONV_HOW = {
 }
 
 
-# "bmm": on the CPU, fp32 inference with 2-32 rows per model runs fusecc's small-batch kernel (kernels/linear/cpu.py)
+# "bmm": on the CPU, fp32 inference with few rows per model runs fusecc's small-batch kernel (where
+# kernels/linear/cpu.py's applies() says so)
 LINEAR_HOW = {"bmm": "batched GEMM (baddbmm / CPU small-batch kernel)", "loop": "per-model loop (N GEMMs)"}
 
 

@@ -183,13 +183,12 @@ def conv_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Any, pa
             t is not None and t.requires_grad for t in (x, weight, bias))) and not _tracing():
         # write the GEMM straight into the channels-last output (no transposing copy), as aten's out= allows
         out = x.new_empty((rows, n, m))
-        wt = wmat.transpose(1, 2)
         if kernels_backend.use_cpu_kernels() and kernels_linear.cpu.applies(cols, wmat, bias):
             kernels_linear.cpu.small_gemm(cols, wmat, bias, out=out.transpose(0, 1))  # few pixels: weight-bound
         elif bias is None:
-            torch.bmm(cols, wt, out=out.transpose(0, 1))
+            torch.bmm(cols, wmat.transpose(1, 2), out=out.transpose(0, 1))
         else:
-            torch.baddbmm(bias.unsqueeze(1), cols, wt, out=out.transpose(0, 1))
+            torch.baddbmm(bias.unsqueeze(1), cols, wmat.transpose(1, 2), out=out.transpose(0, 1))
         y = out
     else:
         y = kernels_linear.batched_linear(cols, wmat, bias).transpose(0, 1)  # [rows, N, M] view

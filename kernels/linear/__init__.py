@@ -4,7 +4,8 @@
 (``[*, K]``, read once) and returns the N outputs side by side (``[*, N*M]``, model-major). On CUDA tensors they
 run the Triton kernels (kernels/linear/triton.py); on the CPU, for fp32 inference with 2-32 rows per model and
 at least 1 MB of weights, the C kernel of ``cpu.py`` (a GEMM that streams the weights once; 1.0-2.4x faster than
-MKL's bmm there); anywhere else the aten reference (``reference.py``). The backend "reference" runs the aten reference everywhere.
+MKL's bmm there); anywhere else the aten reference (``reference.py``). The backend "reference" runs the aten
+reference everywhere.
 """
 
 from __future__ import annotations
