@@ -7,8 +7,9 @@ N weight matrices is the whole cost. torch's ``bmm`` (MKL) packs every weight on
 
 The C source is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``) into the fusecc
 cache (``$FUSECC_CACHE_DIR`` or ``~/.cache/fusecc``), keyed by the source, the compiler and its flags; it is
-loaded with ctypes. Where it cannot be built (no compiler, no AVX2/FMA, not x86-64) one warning says why and
-fusecc runs torch's ``bmm`` instead: same results, slower. ``FUSECC_CPU_KERNELS=0`` turns it off,
+loaded with ctypes. Where it cannot be built (no compiler, a failed build) one warning says why and fusecc runs
+torch's ``bmm`` instead: same results, slower; on CPUs it is not written for (not x86-64, no AVX2/FMA) ``bmm``
+runs without a warning. ``FUSECC_CPU_KERNELS=0`` turns it off,
 ``status()`` says whether it is in use.
 
 It is used for CPU fp32 tensors with grad mode off or no operand needing a gradient (it has no backward),
@@ -112,7 +113,8 @@ def library() -> Optional[ctypes.CDLL]:
                 lib, why = _build()
                 _state["why"] = why
                 _state["lib"] = lib
-                if lib is None and not why.startswith("turned off"):
+                # no warning where the kernel cannot apply (turned off, another CPU): nothing for the user to fix
+                if lib is None and not why.startswith(("turned off", "needs ")):
                     warnings.warn(f"fusecc: the CPU small-batch GEMM kernel is not in use ({why}); per-model "
                                   "linears with few rows run on torch's bmm instead (same results, slower). "
                                   "FUSECC_CPU_KERNELS=0 silences this.", RuntimeWarning, stacklevel=3)

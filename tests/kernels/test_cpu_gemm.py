@@ -204,6 +204,23 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch, tmp_path):
         cpu._reset()
 
 
+def test_other_cpus_fall_back_silently(monkeypatch):
+    """Not x86-64: nothing the user can fix, so bmm runs without a warning."""
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "arm64")
+    cpu._reset()
+    try:
+        x, w = torch.randn(2, 8, 16), torch.randn(2, 4, 16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.no_grad():
+                y, ran = _runs_kernel(lambda: batched_linear(x, w))
+        assert ran == 0
+        assert_close("arm64", y, _ref(x, w, None, "none"), torch.float32)
+        assert cpu.status() == "not in use: needs an x86-64 CPU, this is arm64"
+    finally:
+        cpu._reset()
+
+
 def test_builds_from_source_and_can_be_turned_off(monkeypatch, tmp_path):
     monkeypatch.setenv("FUSECC_CACHE_DIR", str(tmp_path))
     cpu._reset()
