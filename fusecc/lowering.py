@@ -19,7 +19,6 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fusecc.kernels import _backend as kernels_backend
 from fusecc.kernels import conv1x1 as kernels_conv1x1
 from fusecc.kernels import layer_norm as kernels_layer_norm
 from fusecc.kernels import linear as kernels_linear
@@ -183,7 +182,7 @@ def conv_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Any, pa
             t is not None and t.requires_grad for t in (x, weight, bias))) and not _tracing():
         # write the GEMM straight into the channels-last output (no transposing copy), as aten's out= allows
         out = x.new_empty((rows, n, m))
-        if kernels_backend.use_cpu_kernels() and kernels_linear.cpu.applies(cols, wmat, bias):
+        if kernels_linear.cpu.applies(cols, wmat, bias):
             kernels_linear.cpu.small_gemm(cols, wmat, bias, out=out.transpose(0, 1))  # few pixels: weight-bound
         elif bias is None:
             torch.bmm(cols, wmat.transpose(1, 2), out=out.transpose(0, 1))

@@ -67,7 +67,7 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act
     x3 = x if flat else x.reshape(n, -1, k)
     backend = _backend.resolve(backend, "batched_linear")  # once: it reads the environment
     if not _backend.use_triton([x, weight, bias], backend, "batched_linear"):
-        if _backend.use_cpu_kernels(backend, "batched_linear") and cpu.applies(x3, weight, bias):
+        if cpu.applies(x3, weight, bias, backend):
             y = cpu.small_gemm(x3, weight, bias, act)
         else:
             y = reference.batched_linear(x3, weight, bias, act)
@@ -100,7 +100,7 @@ def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: s
     x2 = x.reshape(-1, k)
     backend = _backend.resolve(backend, "wide_linear")
     if not _backend.use_triton([x, weight, bias], backend, "wide_linear"):
-        if _backend.use_cpu_kernels(backend, "wide_linear") and cpu.applies(x2[None], weight, bias):
+        if cpu.applies(x2[None], weight, bias, backend):
             # one "model" with the N weights side by side: [R, N*M], model-major, as the reference's
             y = cpu.small_gemm(x2[None], weight.reshape(1, n * m, k), None if bias is None else bias.reshape(1, -1),
                                act)[0]

@@ -143,11 +143,14 @@ def available() -> bool:
 available._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: Optional[str] = None) -> bool:
     """Whether ``small_gemm`` may run this per-model linear (x ``[N, R, K]``, weight ``[N, O, K]``).
 
+    Only under the backend "auto" (``backend``, else ``fusecc.kernels``' default; "reference" means aten ops only).
     Never under torch.jit.trace/script (a TorchScript artifact must hold aten ops only); under torch.compile the
     kernel runs as the custom op ``torch.ops.fusecc.small_gemm``."""
+    if not _backend.use_cpu_kernels(backend, "small_gemm"):
+        return False
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
     if x.dim() != 3 or weight.dim() != 3 or not MIN_ROWS <= x.shape[1] <= MAX_ROWS or weight.numel() < MIN_WEIGHTS:
@@ -176,44 +179,46 @@ def small_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "no
     ``out`` ``[N, R, O]`` (any strides with a contiguous last dim) receives the result; one is allocated when None.
     The caller checks ``applies`` first.
     """
+    code = ACT_CODES.get(act, 0)  # gelu/silu: after the kernel, in place
     if torch.compiler.is_compiling():
         if out is not None:
             raise ValueError("fusecc.kernels.linear.cpu.small_gemm: out= is for eager calls, not under torch.compile")
-        y = torch.ops.fusecc.small_gemm(x, weight, bias, ACT_CODES.get(act, 0))
-        return y if act in ACT_CODES else activation_(y, act)
+        y = torch.ops.fusecc.small_gemm(x, weight, bias, code)
+    elif out is None:
+        y = _run(x, weight, bias, code)
+    else:
+        n, r, o = x.shape[0], x.shape[1], weight.shape[1]
+        if out.shape != (n, r, o) or out.stride(-1) != 1 or out.dtype != x.dtype:
+            raise ValueError(f"fusecc.kernels.linear.cpu: out must be [{n}, {r}, {o}] float32 with a contiguous "
+                             f"last dim, got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+        y = _launch(x, weight, bias, code, out)
+    return y if act in ACT_CODES else activation_(y, act)
+
+
+def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: int) -> Tensor:
+    """The kernel into a new ``[N, R, O]`` tensor (eager calls run this directly: the op's dispatch costs more)."""
+    return _launch(x, weight, bias, act, _backend.new_empty((x.shape[0], x.shape[1], weight.shape[1]), x))
+
+
+def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: int, out: Tensor) -> Tensor:
+    """Runs the kernel into ``out`` and returns it."""
     n, r, k = x.shape
     o = weight.shape[1]
     x, weight = _rows(x), _rows(weight)
-    if bias is not None:
-        bias = bias.contiguous()
-    if out is None:
-        out = _backend.new_empty((n, r, o), x)
-    elif out.shape != (n, r, o) or out.stride(-1) != 1 or out.dtype != x.dtype:
-        raise ValueError(f"fusecc.kernels.linear.cpu: out must be [{n}, {r}, {o}] float32 with a contiguous last "
-                         f"dim, got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
-    _launch(x, weight, bias, ACT_CODES.get(act, 0), out)
-    return out if act in ACT_CODES else activation_(out, act)
-
-
-def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: int, out: Tensor) -> None:
-    n, r, k = x.shape
-    o = weight.shape[1]
     if out.numel():
         _backend.launch_counts["small_gemm"] += 1
+        bias = None if bias is None else bias.contiguous()
         bp, sbn = (bias.data_ptr(), bias.stride(0)) if bias is not None else (None, 0)
         library().fusecc_small_gemm(x.data_ptr(), x.stride(0), x.stride(1), weight.data_ptr(), weight.stride(0),
                                     weight.stride(1), bp, sbn, 1, out.data_ptr(), out.stride(0), out.stride(1),
                                     n, r, k, o, act, torch.get_num_threads())
+    return out
 
 
 @torch.library.custom_op("fusecc::small_gemm", mutates_args=(), device_types="cpu")
 def _small_gemm_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: int) -> Tensor:
     """The kernel as an op torch.compile can put in its graph (inductor calls it as an external kernel)."""
-    x, weight = _rows(x), _rows(weight)
-    bias = None if bias is None else bias.contiguous()
-    out = _backend.new_empty((x.shape[0], x.shape[1], weight.shape[1]), x)
-    _launch(x, weight, bias, act, out)
-    return out
+    return _run(x, weight, bias, act)
 
 
 @_small_gemm_op.register_fake
