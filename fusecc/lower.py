@@ -443,7 +443,7 @@ class Lowerer:
                 if v.is_tensor:
                     return self.stacked(v, 0).node
                 if v.per_model:  # a container value: convert its leaves
-                    return self.unwrap(self._split_container(v, conv))
+                    return self.map_container(v, lambda e: V(conv(e), S(0) if e.per_model else None, e.meta)).node
                 return v.node
             if isinstance(v, (tuple, list)):
                 return type(v)(conv(a) for a in v)
@@ -454,13 +454,31 @@ class Lowerer:
         res = fx.node.map_arg(node.args[0], lambda n: self.env[n])
         self.graph.output(conv(res))
 
-    def _split_container(self, v: V, conv: Callable) -> Any:
-        """Turn a V holding a container (tuple/list/dict) into a container of element Vs, converted by conv."""
+    def map_container(self, v: V, f: Callable[[V], V]) -> V:
+        """A V holding a container (tuple, list, dict, ``torch.return_types`` of values) with ``f`` applied to each
+        element V, rebuilt as the same kind of container (a ``torch.return_types.sort`` stays one, so ``.values``
+        works on the fused result as on the model's)."""
         meta, lay = v.meta, v.layout
+
+        def item(k: Any) -> V:
+            sub = lay[k] if isinstance(lay, (tuple, list, dict)) else lay
+            return f(V(self.call(operator.getitem, v.node, k), sub, meta[k]))
+
         if isinstance(meta, dict):
-            return {k: conv(V(self.call(operator.getitem, v.node, k), lay[k], meta[k])) for k in meta}
-        items = [conv(V(self.call(operator.getitem, v.node, i), lay[i], meta[i])) for i in range(len(meta))]
-        return tuple(items) if isinstance(meta, tuple) else items
+            items = {k: item(k) for k in meta}
+            node = self.call(dict, {k: e.node for k, e in items.items()})
+            return V(node, {k: e.layout for k, e in items.items()}, meta)
+        elems = [item(i) for i in range(len(meta))]
+        node = self.call(lowering.pack, container_kind(meta), [e.node for e in elems])
+        return V(node, tuple(e.layout for e in elems), meta)
+
+
+def container_kind(meta: Any) -> str:
+    """How :func:`fusecc.lowering.pack` rebuilds a container like ``meta``: "tuple", "list" or a
+    ``torch.return_types`` name."""
+    if type(meta).__module__ == "torch.return_types":
+        return type(meta).__name__
+    return "list" if isinstance(meta, list) else "tuple"
 
 
 def _target_name(node: fx.Node) -> str:
@@ -481,7 +499,7 @@ def _getattr_path(obj: Any, path: str) -> Any:
 _PURE_METHODS = {"unflatten", "flatten", "size", "reshape", "view", "permute", "transpose", "unsqueeze", "squeeze",
                  "expand", "repeat", "dim", "numel", "contiguous"}
 _PURE_FUNCTIONS = {operator.getitem, operator.add, operator.floordiv, torch.movedim, getattr, lowering.model_size,
-                   lowering.expand_model}
+                   lowering.expand_model, lowering.pack, dict}
 
 
 def eliminate_dead_code(graph: fx.Graph) -> int:

@@ -23,6 +23,42 @@ from fusecc.kernels import conv1x1 as kernels_conv1x1
 from fusecc.kernels import layer_norm as kernels_layer_norm
 from fusecc.kernels import linear as kernels_linear
 
+def pack(kind: str, items: List[Any]) -> Any:
+    """A container of the fused results: ``kind`` "tuple", "list", or a ``torch.return_types`` name (``"sort"``), so
+    an op's named result keeps its fields (``.values``, ``.indices``)."""
+    if kind == "tuple":
+        return tuple(items)
+    if kind == "list":
+        return list(items)
+    return getattr(torch.return_types, kind)(items)
+
+
+def index_select_per_model(x: Tensor, dim: int, index: Tensor) -> Tensor:
+    """``x [N, ...]`` indexed along ``dim`` (a tensor dim, > 0) by a per-model ``index [N, K]`` (or ``[N]``, a 0-dim
+    index per model): model n gets ``x[n].index_select(dim - 1, index[n])``, as one gather."""
+    n = x.shape[0]
+    idx = index.reshape(n, -1)
+    view = [n] + [1] * (x.dim() - 1)
+    view[dim] = idx.shape[1]
+    out_shape = list(x.shape)
+    out_shape[dim] = idx.shape[1]
+    return torch.gather(x, dim, idx.reshape(view).expand(out_shape))
+
+
+def narrow_per_model(x: Tensor, dim: int, start: Tensor, length: int) -> Tensor:
+    """``x [N, ...]`` narrowed along ``dim`` (a tensor dim, > 0) from a per-model ``start [N]``: model n gets
+    ``x[n].narrow(dim - 1, start[n], length)``, as one gather."""
+    start = start.reshape(-1)
+    start = torch.where(start < 0, start + x.shape[dim], start)
+    return index_select_per_model(x, dim, start[:, None] + torch.arange(length, device=x.device, dtype=start.dtype))
+
+
+def broadcast_copy(x: Tensor, src: Tensor) -> Tensor:
+    """What ``x.copy_(src)`` (or ``x.fill_(src)``) leaves in a shared ``x`` for per-model ``src``: src broadcast to the
+    joint shape, in x's dtype, as a new tensor (the shared x itself is not written)."""
+    return src.to(x.dtype).expand(torch.broadcast_shapes(x.shape, src.shape)).clone()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # linear family
 
@@ -246,13 +282,26 @@ def stacked_conv_transpose(
     return conv(x, w, b, stride, padding, output_padding, groups, dilation)
 
 
-def shared_weight_conv(x: Tensor, conv_fn: Any, batched_rank: int, *args: Any) -> Tensor:
-    """A conv whose weight is the same for every model, on a stacked input ``[N, B, C, *sp]``: fold N into B."""
-    if x.dim() == batched_rank:  # per-model unbatched [C, *sp]: N is the batch
-        return conv_fn(x, *args)
-    n, b = x.shape[0], x.shape[1]
-    y = conv_fn(x.flatten(0, 1), *args)
-    return y.reshape((n, b) + tuple(y.shape[1:]))
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def shared_weight_conv(x: Tensor, nd: int, transposed: bool, *args: Any, model_bias: Optional[Tensor] = None
+                       ) -> Tensor:
+    """An ``nd``-d conv (or transposed conv) whose weight is the same for every model, on a stacked input
+    ``[N, B, C, *sp]``: N folded into the batch, one ordinary conv. ``args`` are the conv's own after the input;
+    ``model_bias [N, Cout]`` is a per-model bias added to the result."""
+    conv_fn = (_CONV_T if transposed else _CONV)[nd]
+    if x.dim() == nd + 2:  # per-model unbatched [C, *sp]: N is the batch
+        y = conv_fn(x, *args)
+    else:
+        n, b = x.shape[0], x.shape[1]
+        y = conv_fn(x.flatten(0, 1), *args)
+        y = y.reshape((n, b) + tuple(y.shape[1:]))
+    if model_bias is not None:
+        shape = [model_bias.shape[0]] + [1] * (y.dim() - nd - 2) + [model_bias.shape[1]] + [1] * nd
+        y = y + model_bias.reshape(shape)
+    return y
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -296,10 +345,13 @@ def batch_norm(
         if momentum is None:
             eaf = 1.0 / float(num_batches_tracked[0])
     bn_training = training or (running_mean is None and running_var is None)
+    # in training the running statistics are updated through views of the stacked buffers (view, never a copy);
+    # in eval they are only read, and may be a shared tensor broadcast to [N, C] (reshape copies it)
+    flat = (lambda t: t.view(-1)) if bn_training else (lambda t: t.reshape(-1))
     return F.batch_norm(
         x,
-        None if running_mean is None else running_mean.view(-1),
-        None if running_var is None else running_var.view(-1),
+        None if running_mean is None else flat(running_mean),
+        None if running_var is None else flat(running_var),
         None if weight is None else weight.reshape(-1),
         None if bias is None else bias.reshape(-1),
         bn_training,
@@ -400,17 +452,21 @@ def stacked_embedding(
     idx_stacked: bool,
     scale_grad_by_freq: bool,
     sparse: bool,
+    max_norm: Optional[float] = None,
+    norm_type: float = 2.0,
 ) -> Tensor:
     """Per-model embedding tables ``[N, V, D]`` looked up as ONE table ``[N*V, D]`` with per-model offsets.
 
     idx is ``[N, *]`` (idx_stacked) or shared ``[*]``; the result is ``[N, *, D]``. With a padding_idx the looked-up
-    padding rows get no gradient (as in ``F.embedding``), for every model.
+    padding rows get no gradient (as in ``F.embedding``), for every model. With ``max_norm`` the rows looked up are
+    renormalised in place in the stacked table (a view of it: each model's own rows), as ``F.embedding`` does.
     """
     n, v, _ = weight.shape
     if not idx_stacked:
         idx = idx.unsqueeze(0)
     offsets = torch.arange(n, device=idx.device, dtype=idx.dtype).view([n] + [1] * (idx.dim() - 1)) * v
-    out = F.embedding(idx + offsets, weight.flatten(0, 1), None, None, 2.0, scale_grad_by_freq, sparse)
+    table = weight.view(n * v, -1) if max_norm is not None else weight.flatten(0, 1)  # view: renorm writes through
+    out = F.embedding(idx + offsets, table, None, max_norm, norm_type, scale_grad_by_freq, sparse)
     if padding_idx is not None:
         keep = (idx != padding_idx).unsqueeze(-1)
         out = torch.where(keep, out, out.detach())
@@ -607,10 +663,14 @@ def vmap_key(fn: Any) -> str:
     return key
 
 
-def vmap_call(fn: str, in_dims: Tuple[Any, ...], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-    """``fn(*args, **kwargs)`` per model: ``torch.vmap`` over dim 0 of the arguments whose in_dim is 0."""
+def vmap_call(fn: str, in_dims: Tuple[Any, ...], args: Tuple[Any, ...], kw_names: Tuple[str, ...] = ()) -> Any:
+    """``fn(*args)`` per model: ``torch.vmap`` over dim 0 of the arguments whose in_dim is 0. The last
+    ``len(kw_names)`` arguments are passed by those keywords (vmap maps positional arguments only)."""
     f = _VMAP_FNS[fn]
-    return torch.vmap(lambda *a: f(*a, **kwargs), in_dims=in_dims)(*args)
+    k = len(kw_names)
+    if not k:
+        return torch.vmap(f, in_dims=in_dims)(*args)
+    return torch.vmap(lambda *a: f(*a[:len(a) - k], **dict(zip(kw_names, a[len(a) - k:]))), in_dims=in_dims)(*args)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import traceback
-from typing import Any, Dict, Sequence, Tuple, Type
+from typing import Any, Dict, List, Sequence, Tuple, Type
 
 import torch
 import torch.fx as fx
@@ -55,6 +55,10 @@ class FuseTracer(fx.Tracer):
                  stack_traces: bool = False):
         super().__init__()
         self.record_stack_traces = stack_traces  # costly (ms per node): only when an error needs the source line
+        # buffers are graph values like parameters: without this, an op on buffers alone (``self.b.sum()``, a table
+        # built from ``self.pos`` in forward) would run once at trace time on the prototype's (model 0's) buffers and
+        # be baked into the graph as a constant, which every fused model would then read
+        self.proxy_buffer_attributes = True
         self.leaf_types = leaf_types
         self.leaf_names = set(leaf_names)
 
@@ -88,11 +92,13 @@ def trace(
     tracer = FuseTracer(types, names, stack_traces)
     cls = type(model)
     fwd = TRACEABLE_FORWARDS.get(cls)
+    attrs = _attributes_as_buffers(model)
     try:
         if fwd is not None and not tracer.is_leaf_module(model, ""):
             # the root itself: trace the equivalent forward (the tracer reads type(root).forward), on our own copy
             model.__class__ = type(cls.__name__, (cls,), {"forward": fwd, "__module__": cls.__module__})
         graph = tracer.trace(model, concrete_args=concrete_args or None)
+        gm = fx.GraphModule(tracer.root, graph, cls.__name__)
     except Exception as e:
         raise FusionError(
             f"fusecc.fuse: torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}\n"
@@ -103,7 +109,29 @@ def trace(
         ) from e
     finally:
         model.__class__ = cls
-    return fx.GraphModule(tracer.root, graph, cls.__name__)
+        _restore_attributes(attrs)
+    return gm
+
+
+def _attributes_as_buffers(model: nn.Module) -> List[Tuple[nn.Module, str, torch.Tensor]]:
+    """Turn the public plain tensor attributes of ``model``'s modules (neither parameters nor buffers: FusedModule
+    keeps them as shared or stacked constants) into buffers for the trace, so that ops on them become graph nodes
+    like ops on buffers, instead of running once at trace time on the prototype's (model 0's) values."""
+    done = []
+    for _, mod in model.named_modules():
+        for k, v in list(vars(mod).items()):
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and not k.startswith("_"):
+                del mod.__dict__[k]
+                mod.register_buffer(k, v, persistent=False)
+                done.append((mod, k, v))
+    return done
+
+
+def _restore_attributes(done: List[Tuple[nn.Module, str, torch.Tensor]]) -> None:
+    for mod, k, v in done:
+        del mod._buffers[k]
+        mod._non_persistent_buffers_set.discard(k)
+        mod.__dict__[k] = v
 
 
 class _ShapeProp(fx.Interpreter):
@@ -133,11 +161,14 @@ def shape_prop(gm: fx.GraphModule, example_args: Sequence[Any]) -> None:
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in example_args]
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            # fresh tensors, not views of the stacked input: a model may detach_() or resize its input in place
+            fake = [torch.empty(a.shape, dtype=a.dtype, device=a.device) if isinstance(a, torch.Tensor) else a
+                    for a in example_args]
             _ShapeProp(gm).run(*fake)
         return
     except Exception:  # noqa: BLE001 - the real run below raises the error if it is a real one
         pass
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        _ShapeProp(gm).run(*example_args)
+        # copies: an in-place op of the model must not write into the caller's input
+        _ShapeProp(gm).run(*[a.clone() if isinstance(a, torch.Tensor) else a for a in example_args])

@@ -46,7 +46,7 @@ def fuse_mha(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     return ctx.out(y, (S(0), S(0) if need_weights else None))
 
 
-@register_rule(F.scaled_dot_product_attention)
+@register_rule(F.scaled_dot_product_attention, by_name=True)
 def fuse_sdpa(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     q, k, v = args[0], arg(args, kwargs, 1, "key"), arg(args, kwargs, 2, "value")
     mask = arg(args, kwargs, 3, "attn_mask")

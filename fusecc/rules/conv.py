@@ -52,12 +52,11 @@ def conv(ctx, x: V, w: V, b, stride, padding, dilation, groups: int, nd: int) ->
             ctx.record(f"conv{nd}d", "grouped conv (groups = N*g)")
         y = ctx.call(lowering.stacked_conv, xf, w, b, stride, padding, dilation, groups * ctx.n, nd, impl)
         return ctx.out(y, Fo(ch))
-    if b is not None and b.per_model:
-        raise Decline("conv with a shared weight and a per-model bias")
-    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+    mb = b if b is not None and b.per_model else None  # a per-model bias: added after the shared conv
     xs = ctx.stacked(x, 0)
     ctx.record(f"conv{nd}d", "one conv (weight shared by all models), N folded into the batch")
-    y = ctx.call(lowering.shared_weight_conv, xs, fn, nd + 1, w, b, stride, padding, dilation, groups)
+    y = ctx.call(lowering.shared_weight_conv, xs, nd, False, w, None if mb is not None else b, stride, padding,
+                 dilation, groups, model_bias=mb)
     return ctx.out(y, S(0))
 
 
@@ -77,7 +76,7 @@ def fuse_conv_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     return conv(ctx, x, w, b, m.stride, padding, m.dilation, m.groups, nd)
 
 
-@register_rule(*_CONV_FNS)
+@register_rule(*_CONV_FNS, by_name=True)
 def fuse_conv(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     nd = _CONV_FNS[node.target]
     x, w = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight")
@@ -92,7 +91,11 @@ def conv_transpose(ctx, x: V, w: V, b, stride, padding, output_padding, groups: 
     if ch not in (0, 1):
         raise Decline(f"conv_transpose{nd}d expects a {nd + 1}D or {nd + 2}D per-model input, got {x.rank}D")
     if not w.per_model:
-        raise Decline("conv_transpose with a weight shared by all models")
+        mb = b if b is not None and b.per_model else None
+        ctx.record(f"conv_transpose{nd}d", "one transposed conv (weight shared by all models), N folded into the batch")
+        y = ctx.call(lowering.shared_weight_conv, ctx.stacked(x, 0), nd, True, w, None if mb is not None else b,
+                     stride, padding, output_padding, groups, dilation, model_bias=mb)
+        return ctx.out(y, S(0))
     if b is not None and not b.per_model:
         b = ctx.stacked(b, 0)
     xf = ctx.folded(x, ch)
@@ -113,7 +116,7 @@ def fuse_conv_transpose_module(ctx, node: fx.Node, args: tuple, kwargs: dict) ->
     return conv_transpose(ctx, x, w, b, m.stride, m.padding, m.output_padding, m.groups, m.dilation, nd)
 
 
-@register_rule(*_CONVT_FNS)
+@register_rule(*_CONVT_FNS, by_name=True)
 def fuse_conv_transpose(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     nd = _CONVT_FNS[node.target]
     x, w = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight")

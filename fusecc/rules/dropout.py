@@ -44,7 +44,7 @@ def fuse_dropout_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     return dropout(ctx, fn, args[0], m.p, m.training, m.inplace, _FEATURE.get(type(m)))
 
 
-@register_rule(F.dropout, F.alpha_dropout, *_FEATURE_FNS, on_shared=True)
+@register_rule(F.dropout, F.alpha_dropout, *_FEATURE_FNS, on_shared=True, by_name=True)
 def fuse_dropout(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x = args[0]
     p = const(arg(args, kwargs, 1, "p", 0.5))

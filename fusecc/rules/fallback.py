@@ -83,8 +83,6 @@ def vmap(ctx, node: fx.Node, args: tuple, kwargs: dict, kind: str, warn_reason: 
     import torch
 
     n = ctx.n
-    if any(isinstance(a, V) and a.per_model for a in kwargs.values()):
-        raise ctx.error("keyword arguments carrying a per-model tensor are not supported here")
 
     def prep(a):
         """(fused-graph argument, in_dim, meta stand-in) for one (possibly nested) argument."""
@@ -101,11 +99,13 @@ def vmap(ctx, node: fx.Node, args: tuple, kwargs: dict, kind: str, warn_reason: 
             return type(a)(p[0] for p in parts), type(a)(p[1] for p in parts), type(a)(p[2] for p in parts)
         return a, None, a
 
-    parts = [prep(a) for a in args]
+    # keyword arguments travel as trailing positional ones (vmap maps positional arguments only), named by kw_names
+    kw_names = tuple(kwargs)
+    parts = [prep(a) for a in tuple(args) + tuple(kwargs.values())]
     fargs = tuple(p[0] for p in parts)
     in_dims = tuple(p[1] for p in parts)
     metas = tuple(p[2] for p in parts)
-    kw = {k: (v.meta if isinstance(v, V) else v) for k, v in kwargs.items()}
+    k = len(kw_names)
     if node.op == "call_method":
         fn = getattr(torch.Tensor, node.target, None)
         if fn is None:
@@ -113,7 +113,8 @@ def vmap(ctx, node: fx.Node, args: tuple, kwargs: dict, kind: str, warn_reason: 
     else:
         fn = node.target
     try:
-        out = torch.vmap(lambda *a: fn(*a, **kw), in_dims=in_dims)(*metas)
+        out = torch.vmap(lambda *a: fn(*a[:len(a) - k], **dict(zip(kw_names, a[len(a) - k:]))),
+                         in_dims=in_dims)(*metas)
     except Exception as e:  # noqa: BLE001 - any failure means: no safe way to run it per model
         from .registry import registered_summary
 
@@ -136,5 +137,5 @@ def vmap(ctx, node: fx.Node, args: tuple, kwargs: dict, kind: str, warn_reason: 
                       "the model dim", UserWarning, stacklevel=4)
         ctx.report.fallbacks.append((node.name, str(getattr(node.target, "__name__", node.target)), "torch.vmap"))
     ctx.record(kind, "torch.vmap over the model dim")
-    y = ctx.call(lowering.vmap_call, lowering.vmap_key(fn), in_dims, fargs, dict(kwargs))
+    y = ctx.call(lowering.vmap_call, lowering.vmap_key(fn), in_dims, fargs, kw_names)
     return ctx.out(y, tree_map(lambda m: S(0) if isinstance(m, Tensor) else None, meta))

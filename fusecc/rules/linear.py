@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .. import choose, lowering
 from ..lower import Fo, S, V
-from .registry import Decline, arg, register_rule
+from .registry import Decline, arg, const, register_rule
 
 
 _KERNEL = {True: " (Triton kernel)", False: ""}
@@ -56,7 +56,7 @@ def fuse_linear_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     return linear(ctx, x, ctx.mod_tensor(node, "weight"), ctx.mod_tensor(node, "bias"))
 
 
-@register_rule(F.linear, torch._C._nn.linear)
+@register_rule(F.linear, torch._C._nn.linear, by_name=True)
 def fuse_linear(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x, w, b = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
     if not w.per_model and not x.per_model and not (isinstance(b, V) and b.per_model):
@@ -66,6 +66,8 @@ def fuse_linear(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
 
 def matmul(ctx, a: V, b: V) -> V:
     """Per-model ``a @ b`` with torch.matmul semantics (1-D operands, batch broadcasting)."""
+    if not a.per_model and not b.per_model:  # both shared (addmm of shared matrices): an ordinary matmul
+        return ctx.out(ctx.call(torch.matmul, a, b), None)
     a1, b1 = a.rank == 1, b.rank == 1
     A = ctx.stacked(a, 0) if a.per_model else a
     B = ctx.stacked(b, 0) if b.per_model else b
@@ -91,21 +93,51 @@ def matmul(ctx, a: V, b: V) -> V:
                "mm", "mv", "dot", "__matmul__")
 def fuse_matmul(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     other = arg(args, kwargs, 1, "other", kwargs.get("mat2", kwargs.get("vec", kwargs.get("tensor"))))
-    if node.target is torch.inner and other.rank != 1:
-        raise Decline("torch.inner of tensors of rank > 1")
+    if node.target is torch.inner:
+        return inner(ctx, args[0], other)
     return matmul(ctx, args[0], other)
 
 
-@register_rule(torch.baddbmm, torch.addmm, torch.addbmm, "baddbmm", "addmm")
+def inner(ctx, a: V, b: V) -> V:
+    """torch.inner: a contraction over the last dims, result ``[*a[:-1], *b[:-1]]``, as an einsum with the model dim
+    as one more subscript."""
+    if a.rank == 0 or b.rank == 0:  # a scalar operand: inner is a product
+        conv, lay = ctx.broadcast_operands([a, b])
+        new, lay = ctx.finish_broadcast(ctx.call(operator.mul, conv[0], conv[1]), lay)
+        return ctx.out(new, lay)
+    letters = "abcdefghijklmnopqrstuvwxy"
+    sa = letters[: a.rank - 1] + "z"
+    sb = letters[a.rank - 1: a.rank + b.rank - 2] + "z"
+    ops, subs = [], []
+    for v, sub in ((a, sa), (b, sb)):
+        if v.per_model:
+            ops.append(ctx.stacked(v, 0))
+            subs.append("Z" + sub)
+        else:
+            ops.append(v)
+            subs.append(sub)
+    eq = ",".join(subs) + "->Z" + sa[:-1] + sb[:-1]
+    ctx.record("inner", "einsum with a model subscript")
+    return ctx.out(ctx.call(torch.einsum, eq, *ops), S(0))
+
+
+@register_rule(torch.baddbmm, torch.addmm, torch.addbmm, "baddbmm", "addmm", "addbmm", by_name=True)
 def fuse_addmm(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
-    """beta * input + alpha * (a @ b), composed from the matmul and element-wise rules."""
-    if node.target in (torch.addbmm,):
-        raise Decline("addbmm (sums over the batch) on per-model values")
-    inp, a, b = args[0], args[1], args[2]
-    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    """beta * input + alpha * (a @ b), composed from the matmul and element-wise rules; addbmm sums the products
+    over each model's batch."""
+    inp = args[0]
+    a = arg(args, kwargs, 1, "mat1", kwargs.get("batch1"))
+    b = arg(args, kwargs, 2, "mat2", kwargs.get("batch2"))
+    beta, alpha = const(kwargs.get("beta", 1)), const(kwargs.get("alpha", 1))
     prod = matmul(ctx, a, b)
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name == "addbmm":  # [N, B, n, p] -> [N, n, p] (or a shared [B, n, p] -> [n, p])
+        prod = V(ctx.call(torch.sum, prod, 1 if prod.per_model else 0), prod.layout, None)
     if alpha != 1:
-        prod = ctx.out(ctx.call(operator.mul, prod, alpha), prod.layout)
+        prod = V(ctx.call(operator.mul, prod, alpha), prod.layout, None)
+    prod = V(prod.node, prod.layout, ctx.node.meta.get("fusecc_pm"))
+    if beta == 0:  # torch ignores input then (even NaN in it)
+        return ctx.out(prod.node, prod.layout)
     if beta != 1:
         inp = V(ctx.call(operator.mul, inp, beta), inp.layout, inp.meta)
     conv, lay = ctx.broadcast_operands([inp, prod])

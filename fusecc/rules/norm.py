@@ -26,6 +26,9 @@ def _per_model(ctx, t):
 def batch_norm(ctx, x: V, rm, rv, w, b, training: bool, momentum, eps, nbt=None, kind="batch_norm") -> V:
     if x.rank < 2:
         raise Decline(f"{kind} expects a per-model input with a channel dim (rank >= 2), got rank {x.rank}")
+    if training and any(isinstance(t, V) and not t.per_model for t in (rm, rv)):
+        raise Decline(f"{kind} in training mode with running statistics shared by all models: each model would "
+                      "update the same tensor in turn. Give each model its own running statistics (buffers)")
     xf = ctx.folded(x, 1)
     args = [_per_model(ctx, t) for t in (rm, rv, w, b)]
     ctx.record(kind, "one batch_norm over N*C channels" + (" (train)" if training else " (eval)"))
@@ -43,7 +46,7 @@ def fuse_batch_norm_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
                       m.training, m.momentum, m.eps, nbt)
 
 
-@register_rule(F.batch_norm, on_shared=False)
+@register_rule(F.batch_norm, by_name=True)
 def fuse_batch_norm(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x = args[0]
     rm, rv = arg(args, kwargs, 1, "running_mean"), arg(args, kwargs, 2, "running_var")
@@ -83,7 +86,7 @@ def group_norm(ctx, x: V, groups: int, w, b, eps) -> V:
     return ctx.out(y, xf.layout)
 
 
-@register_rule(F.group_norm)
+@register_rule(F.group_norm, by_name=True)
 def fuse_group_norm(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x, g = args[0], const(arg(args, kwargs, 1, "num_groups"))
     w, b = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
@@ -148,7 +151,7 @@ def fuse_layer_norm_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     return layer_norm(ctx, args[0], m.normalized_shape, w, b, m.eps)
 
 
-@register_rule(F.layer_norm)
+@register_rule(F.layer_norm, by_name=True)
 def fuse_layer_norm(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x, shape = args[0], arg(args, kwargs, 1, "normalized_shape")
     w, b = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
@@ -162,7 +165,7 @@ if hasattr(nn, "RMSNorm"):
         m = ctx.module(node)
         return layer_norm(ctx, args[0], m.normalized_shape, ctx.mod_tensor(node, "weight"), None, m.eps, rms=True)
 
-    @register_rule(F.rms_norm)
+    @register_rule(F.rms_norm, by_name=True)
     def fuse_rms_norm(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
         x, shape = args[0], arg(args, kwargs, 1, "normalized_shape")
         w = arg(args, kwargs, 2, "weight")

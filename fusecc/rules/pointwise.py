@@ -13,8 +13,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..lower import V
-from .registry import arg, register_rule
+from .. import lowering
+from ..lower import S, V
+from .registry import Decline, arg, register_rule
 
 _OPERATORS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod, operator.pow,
@@ -84,12 +85,17 @@ def fuse_elementwise(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     inplace = _is_inplace(node, kwargs)
     self_v = args[0] if args else None
     if inplace and isinstance(self_v, V) and not self_v.per_model:
-        # a shared tensor cannot hold per-model results in place: compute out of place instead
-        if node.op == "call_method":
+        # a shared tensor cannot hold per-model results in place: compute out of place instead, in the dtype the
+        # in-place op keeps (x.lt_(y) stays float where x.lt(y) is bool)
+        if node.op == "call_method" and node.target in ("copy_", "fill_"):  # x.copy_(y_per_model): y, as x holds it
+            new = ctx.call(lowering.broadcast_copy, new_args[0], new_args[1])
+        elif node.op == "call_method":
             new = ctx.method(node.target[:-1], *new_args, **new_kwargs)
         else:
             new_kwargs.pop("inplace", None)
             new = ctx.call(node.target, *new_args, **new_kwargs)
+        if self_v.is_tensor:
+            new = ctx.method("to", new, self_v.meta.dtype)
     else:
         new = ctx.emit_like(node, new_args, new_kwargs)
     if inplace and isinstance(self_v, V) and self_v.per_model:
@@ -116,6 +122,29 @@ def fuse_rrelu_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     return ctx.out(ctx.emit_like(node, (x,), kwargs), x.layout)
 
 
+@register_rule(torch.masked_fill, "masked_fill", "masked_fill_")
+def fuse_masked_fill(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    """masked_fill of a per-model tensor by a shared fill value is an element-wise op of x and the mask. With a
+    per-model fill value (a 0-dim tensor per model, stacked ``[N]``), or a shared x under a per-model mask (x must then
+    broadcast to the mask's shape, which masked_fill does not do), it is ``where(mask, value, x)`` in x's dtype."""
+    x, mask, value = args[0], arg(args, kwargs, 1, "mask"), arg(args, kwargs, 2, "value")
+    value_pm = isinstance(value, V) and value.is_tensor and value.per_model
+    if not value_pm and x.per_model:
+        return fuse_elementwise(ctx, node, args, kwargs)
+    if isinstance(value, V) and value.is_tensor and value.rank != 0:
+        raise Decline(f"masked_fill takes a 0-dim fill value, got a tensor of rank {value.rank}")
+    (xv, mv, vv), lay = ctx.broadcast_operands([x, mask, value])
+    new = ctx.method("to", ctx.call(torch.where, mv, vv, xv), x.meta.dtype)
+    if node.op == "call_method" and node.target == "masked_fill_" and x.per_model:  # write into x (through a view)
+        ctx.method("copy_", xv, new)
+        return ctx.out(x.node, x.layout)
+    new, lay = ctx.finish_broadcast(new, lay)
+    return ctx.out(new, lay)
+
+
+_MEMORY_FORMAT_RANK = {torch.channels_last: 4, torch.channels_last_3d: 5}
+
+
 @register_rule("type_as", "to", "float", "half", "double", "bfloat16", "long", "int", "bool", "short", "byte",
                "char", "detach", "detach_", "clone", "contiguous", "requires_grad_", "cpu", "cuda", "type",
                torch.clone, torch.detach)
@@ -125,7 +154,12 @@ def fuse_unary_keep(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x = args[0]
     if not (isinstance(x, V) and x.per_model):
         return ctx.out(ctx.emit_like(node, args, kwargs), None)
-    return ctx.out(ctx.emit_like(node, args, kwargs), x.layout)
+    rank = _MEMORY_FORMAT_RANK.get(kwargs.get("memory_format"))
+    if rank is not None and x.is_tensor and x.rank == rank:
+        # channels-last is a format of 4-d (5-d) tensors: the fused tensor gets it with the model dim folded into the
+        # channels ([B, N*C, H, W]), so every model's slice is channels-last as in the model
+        x = ctx.folded(x, 1)
+    return ctx.out(ctx.emit_like(node, (x,) + tuple(args[1:]), kwargs), x.layout)
 
 
 @register_rule("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor")
@@ -140,7 +174,7 @@ def fuse_prelu_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     return _prelu(ctx, args[0], ctx.mod_tensor(node, "weight"))
 
 
-@register_rule(F.prelu, torch.prelu, "prelu", on_shared=False)
+@register_rule(F.prelu, torch.prelu, "prelu", by_name=True)
 def fuse_prelu(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     return _prelu(ctx, args[0], arg(args, kwargs, 1, "weight"))
 
@@ -151,7 +185,16 @@ def _prelu(ctx, x: V, w: V) -> V:
     if not w.per_model and p == 1:  # one shared slope: element-wise on any layout
         ctx.record("prelu", "element-wise on the fused tensor")
         return ctx.out(ctx.call(F.prelu, x, w), x.layout)
-    ch = 1 if x.rank >= 2 else 0
+    if x.rank < 2:  # no channel dim: one slope per model (torch requires a single one), element-wise
+        if p != 1:
+            raise Decline(f"prelu of a {x.rank}-d input takes a single slope, got {p}")
+        w0 = V(ctx.method("reshape", ctx.stacked(w, 0), ctx.n), S(0), w.meta.reshape(())) if w.per_model else w
+        (xv, wv), lay = ctx.broadcast_operands([x, w0])
+        neg = ctx.call(operator.mul, xv, wv)
+        new, lay = ctx.finish_broadcast(ctx.call(torch.where, ctx.call(operator.ge, xv, 0), xv, neg), lay)
+        ctx.record("prelu", "element-wise on the fused tensor")
+        return ctx.out(new, lay)
+    ch = 1
     c = x.meta.shape[ch]
     xf = ctx.folded(x, ch)
     if w.per_model:

@@ -86,7 +86,7 @@ def _pad(ctx, node: fx.Node, x: V, pad, mode: str) -> V:
     return ctx.out(ctx.call(F.pad, xf, pad, mode), xf.layout)
 
 
-@register_rule(F.pad)
+@register_rule(F.pad, by_name=True)
 def fuse_pad(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x, pad = args[0], arg(args, kwargs, 1, "pad")
     mode = const(arg(args, kwargs, 2, "mode", "constant"))

@@ -43,11 +43,13 @@ def _name(node: fx.Node) -> str:
     return node.target if isinstance(node.target, str) else node.target.__name__
 
 
-@register_rule(*[getattr(torch, n) for n in _REDUCTIONS if hasattr(torch, n)], *_REDUCTIONS)
+@register_rule(*[getattr(torch, n) for n in _REDUCTIONS if hasattr(torch, n)],
+               *[n for n in _REDUCTIONS if hasattr(torch.Tensor, n)], by_name=True, rank0=True)
 def fuse_reduction(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     name = _name(node)
     x = args[0]
-    if name in ("max", "min") and isinstance(arg(args, kwargs, 1, "other"), V) and arg(args, kwargs, 1, "other").is_tensor:
+    other = arg(args, kwargs, 1, "other")
+    if name in ("max", "min") and isinstance(other, V) and other.is_tensor:
         from .pointwise import fuse_elementwise
 
         return fuse_elementwise(ctx, node, args, kwargs)
@@ -116,16 +118,16 @@ _DIMWISE = {
     "cumsum": (1, "dim", None), "cumprod": (1, "dim", None), "logcumsumexp": (1, "dim", None),
     "cummax": (1, "dim", None), "cummin": (1, "dim", None), "sort": (1, "dim", -1), "argsort": (1, "dim", -1),
     "topk": (2, "dim", -1), "flip": (1, "dims", None), "normalize": (2, "dim", 1),
-    "glu": (1, "dim", -1), "roll": (2, "dims", None), "diff": (2, "dim", -1), "renorm": (2, "dim", None),
+    "glu": (1, "dim", -1), "roll": (2, "dims", None), "diff": (2, "dim", -1),
 }
 
 
 @register_rule(
     F.softmax, F.log_softmax, F.softmin, F.normalize, F.glu, torch.softmax, torch.log_softmax, torch.cumsum,
     torch.cumprod, torch.logcumsumexp, torch.cummax, torch.cummin, torch.sort, torch.argsort, torch.topk,
-    torch.flip, torch.roll, torch.diff, torch.renorm,
+    torch.flip, torch.roll, torch.diff,
     "softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin", "sort", "argsort", "topk",
-    "flip", "roll", "diff", "renorm", "cumsum_",
+    "flip", "roll", "diff", "cumsum_", by_name=True, rank0=True,
 )
 def fuse_dimwise(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     name = _name(node).rstrip("_")
@@ -134,26 +136,73 @@ def fuse_dimwise(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     dim = arg(args, kwargs, pos, kw, default)
     if name == "normalize" and kw not in kwargs and len(args) <= pos:
         dim = 1
+    if name == "roll" and (dim is None or isinstance(const(dim), (list, tuple)) and len(const(dim)) == 0):
+        xs = ctx.stacked(x, 0)  # roll over each model's flattened tensor
+        flat = ctx.method("reshape", xs, ctx.n, -1)
+        rolled = ctx.call(torch.roll, flat, arg(args, kwargs, 1, "shifts"), 1)
+        ctx.record("roll", "over each model's flattened tensor")
+        return ctx.out(ctx.method("reshape", rolled, [ctx.n] + list(x.meta.shape)), S(0))
     if dim is None:
         if name in ("softmax", "log_softmax", "softmin"):
             dim = _softmax_dim(name, x.rank)
-        elif name == "roll":  # roll over the flattened tensor
-            raise Decline("roll without dims")
         else:
             raise Decline(f"{name} without a dim")
+    if name == "diff":
+        return _diff(ctx, node, args, kwargs, norm_dim(const(dim), x.rank))
     dims = _dims(dim, x.rank)
     x = free_of(ctx, x, dims)
     td = [ctx.tdim(x, p) for p in dims]
-    a, k = set_arg(args, kwargs, pos, kw, td[0] if isinstance(const(dim), int) else td)
+    # flip/roll take a list of dims (by keyword, an int is not accepted)
+    a, k = set_arg(args, kwargs, pos, kw, td[0] if isinstance(const(dim), int) and kw == "dim" else td)
     new = ctx.emit_like(node, (x,) + tuple(a[1:]), k)
     ctx.record(name, "along a per-model dim of the fused tensor")
     return ctx.out(new, _tuple_like(ctx, x.layout))
 
 
+def _diff(ctx, node: fx.Node, args: tuple, kwargs: dict, p: int) -> V:
+    """diff(x, n, dim, prepend, append): x and the tensors it is concatenated with, in one stacked layout (a shared
+    one broadcast to every model), then diff along the mapped dim."""
+    x = args[0]
+    n = arg(args, kwargs, 1, "n", 1)
+    pre, app = arg(args, kwargs, 3, "prepend"), arg(args, kwargs, 4, "append")
+    xs = ctx.stacked(x, 0)
+    extra = {}
+    for name, t in (("prepend", pre), ("append", app)):
+        if isinstance(t, V) and t.is_tensor:
+            if t.rank != x.rank:  # a 0-dim prepend/append is broadcast along dim by torch: give it x's other sizes
+                raise Decline(f"diff with a {name} of rank {t.rank} on a per-model input of rank {x.rank}")
+            extra[name] = ctx.stacked(t, 0)
+        elif t is not None:
+            extra[name] = t
+    ctx.record("diff", "along a per-model dim of the fused tensor")
+    return ctx.out(ctx.call(torch.diff, xs, n, p + 1, **extra), S(0))
+
+
 _DIM_MODULES = {nn.Softmax: F.softmax, nn.LogSoftmax: F.log_softmax, nn.Softmin: F.softmin, nn.GLU: F.glu}
 
 
-@register_rule(nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.GLU, nn.Softmax2d)
+@register_rule(torch.renorm, "renorm", "renorm_", by_name=True)
+def fuse_renorm(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+    """renorm(x, p, dim, maxnorm) rescales each slice ``x.select(dim, i)`` whose p-norm over ALL its other dims exceeds
+    maxnorm. On the fused tensor those other dims would include the model dim, so the models' slices are made rows of
+    their own: ``[N, D, rest]`` viewed as ``[N*D, rest]``, renormed along dim 0, and put back."""
+    x = args[0]
+    if x.rank == 0:
+        raise Decline("renorm of a 0-dim tensor")
+    p = norm_dim(const(arg(args, kwargs, 2, "dim")), x.rank)
+    xs = ctx.stacked(x, 0)
+    moved = ctx.call(torch.movedim, xs, p + 1, 1)  # [N, D, *rest]
+    rows = ctx.method("reshape", moved, ctx.n * x.meta.shape[p], -1)
+    normed = ctx.call(torch.renorm, rows, arg(args, kwargs, 1, "p"), 0, arg(args, kwargs, 3, "maxnorm"))
+    shape = [ctx.n, x.meta.shape[p]] + [s for i, s in enumerate(x.meta.shape) if i != p]
+    y = ctx.call(torch.movedim, ctx.method("reshape", normed, shape), 1, p + 1)
+    ctx.record("renorm", "per model, slices as rows")
+    if node.op == "call_method" and node.target == "renorm_":
+        return ctx.out(ctx.method("copy_", xs, y), S(0))
+    return ctx.out(y, S(0))
+
+
+@register_rule(nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.GLU, nn.Softmax2d, rank0=True)
 def fuse_dim_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     m = ctx.module(node)
     x = args[0]

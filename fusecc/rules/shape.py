@@ -179,7 +179,7 @@ def _flatten(ctx, x: V, start: int, end: int) -> V:
     return V(new, S(d if d <= start else d - (end - start)), None)
 
 
-@register_rule("flatten", torch.flatten)
+@register_rule("flatten", torch.flatten, by_name=True)
 def fuse_flatten(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x = args[0]
     y = _flatten(ctx, x, const(arg(args, kwargs, 1, "start_dim", 0)), const(arg(args, kwargs, 2, "end_dim", -1)))
@@ -206,7 +206,7 @@ def _unflatten(ctx, x: V, dim: int, sizes: Any) -> V:
     return V(new, Layout(lay.kind, lay.dim + k) if lay.dim > dim else lay, None)
 
 
-@register_rule("unflatten", torch.unflatten)
+@register_rule("unflatten", torch.unflatten, by_name=True)
 def fuse_unflatten(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     y = _unflatten(ctx, args[0], const(arg(args, kwargs, 1, "dim")), arg(args, kwargs, 2, "sizes"))
     return ctx.out(y.node, y.layout)
@@ -239,11 +239,12 @@ def fuse_permute(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     return ctx.out(y.node, y.layout)
 
 
-@register_rule("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims)
+@register_rule("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims, by_name=True,
+               rank0=True)
 def fuse_transpose(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x = args[0]
-    a = norm_dim(const(arg(args, kwargs, 1, "dim0")), x.rank)
-    b = norm_dim(const(arg(args, kwargs, 2, "dim1")), x.rank)
+    a = norm_dim(const(arg(args, kwargs, 1, "dim0", kwargs.get("axis0"))), x.rank)
+    b = norm_dim(const(arg(args, kwargs, 2, "dim1", kwargs.get("axis1"))), x.rank)
     x = free_of(ctx, x, [a, b])
     return ctx.out(ctx.method("transpose", x, ctx.tdim(x, a), ctx.tdim(x, b)), x.layout)
 
@@ -257,7 +258,7 @@ def fuse_t(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     return ctx.out(ctx.method("transpose", x, ctx.tdim(x, 0), ctx.tdim(x, 1)), x.layout)
 
 
-@register_rule("movedim", "moveaxis", torch.movedim, torch.moveaxis)
+@register_rule("movedim", "moveaxis", torch.movedim, torch.moveaxis, by_name=True, rank0=True)
 def fuse_movedim(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x = args[0]
     src = const(arg(args, kwargs, 1, "source"))
@@ -278,7 +279,7 @@ def fuse_movedim(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     return ctx.out(y.node, y.layout)
 
 
-@register_rule("unsqueeze", torch.unsqueeze)
+@register_rule("unsqueeze", torch.unsqueeze, by_name=True)
 def fuse_unsqueeze(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x = args[0]
     p = norm_dim(const(arg(args, kwargs, 1, "dim")), x.rank + 1)
@@ -291,7 +292,7 @@ def fuse_unsqueeze(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     return ctx.out(ctx.method("unsqueeze", x, p + 1), lay)
 
 
-@register_rule("squeeze", torch.squeeze)
+@register_rule("squeeze", torch.squeeze, by_name=True, rank0=True)
 def fuse_squeeze(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x = args[0]
     dim = const(arg(args, kwargs, 1, "dim"))
@@ -363,6 +364,11 @@ def fuse_getitem(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
         return (isinstance(it, V) and it.is_tensor) or isinstance(it, list)
 
     adv = [i for i, it in enumerate(items) if is_index_tensor(it)]
+    if any(isinstance(items[i], V) and items[i].per_model and items[i].meta.dtype == torch.bool and items[i].rank > 0
+           for i in adv):
+        raise Decline("indexing with a per-model boolean mask: how many elements it selects depends on each model's "
+                      "data, so the models' results would differ in shape. Use torch.where or masked_fill, or a mask "
+                      "shared by all models")
     if any(isinstance(items[i], V) and items[i].per_model for i in adv):
         from . import fallback
 
@@ -380,16 +386,20 @@ def fuse_getitem(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     return ctx.out(ctx.call(operator.getitem, xs, new_items), layout)
 
 
-@register_rule("narrow", torch.narrow)
+@register_rule("narrow", torch.narrow, by_name=True, rank0=True)
 def fuse_narrow(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x = args[0]
     p = norm_dim(const(arg(args, kwargs, 1, "dim")), x.rank)
+    start, length = arg(args, kwargs, 2, "start"), arg(args, kwargs, 3, "length")
+    if isinstance(start, V) and start.per_model:  # each model its own window: one gather
+        xs = ctx.stacked(x, 0)
+        ctx.record("narrow", "per-model start: one gather")
+        return ctx.out(ctx.call(lowering.narrow_per_model, xs, p + 1, ctx.stacked(start, 0), length), S(0))
     x = free_of(ctx, x, [p])
-    a = (x, ctx.tdim(x, p), arg(args, kwargs, 2, "start"), arg(args, kwargs, 3, "length"))
-    return ctx.out(ctx.method("narrow", *a), x.layout)
+    return ctx.out(ctx.method("narrow", x, ctx.tdim(x, p), start, length), x.layout)
 
 
-@register_rule("select", torch.select)
+@register_rule("select", torch.select, by_name=True, rank0=True)
 def fuse_select(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x = args[0]
     p = norm_dim(const(arg(args, kwargs, 1, "dim")), x.rank)
@@ -398,19 +408,19 @@ def fuse_select(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     return ctx.out(new, layout_after_removal(x.layout, [p]))
 
 
-@register_rule("index_select", torch.index_select)
+@register_rule("index_select", torch.index_select, by_name=True, rank0=True)
 def fuse_index_select(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x, index = args[0], arg(args, kwargs, 2, "index")
-    if isinstance(index, V) and index.per_model:
-        from . import fallback
-
-        return fallback.vmap(ctx, node, args, kwargs, "index_select", None)
     p = norm_dim(const(arg(args, kwargs, 1, "dim")), x.rank)
+    if isinstance(index, V) and index.per_model:  # each model its own indices: one gather
+        ctx.record("index_select", "per-model indices: one gather")
+        return ctx.out(ctx.call(lowering.index_select_per_model, ctx.stacked(x, 0), p + 1, ctx.stacked(index, 0)),
+                       S(0))
     x = free_of(ctx, x, [p])
     return ctx.out(ctx.method("index_select", x, ctx.tdim(x, p), index), x.layout)
 
 
-@register_rule("gather", torch.gather)
+@register_rule("gather", torch.gather, by_name=True, rank0=True)
 def fuse_gather(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x, index = args[0], arg(args, kwargs, 2, "index")
     p = norm_dim(const(arg(args, kwargs, 1, "dim")), x.rank)
@@ -428,9 +438,15 @@ def _common_stacked(ctx, vs: Sequence[V]) -> Tuple[List[V], int]:
     return [ctx.stacked(v, d) for v in vs], d
 
 
-@register_rule(torch.cat, torch.concat, torch.concatenate)
+@register_rule(torch.cat, torch.concat, torch.concatenate, by_name=True)
 def fuse_cat(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     ts = list(arg(args, kwargs, 0, "tensors"))
+    # torch.cat skips 1-D empty tensors (shape [0]) whatever the others' rank: so does the fused cat
+    full = [t for t in ts if not (isinstance(t, V) and t.is_tensor and t.rank == 1 and t.meta.shape[0] == 0)]
+    if full and len(full) < len(ts):
+        ts = full
+        if not any(isinstance(t, V) and t.per_model for t in ts):  # only shared tensors are left
+            return ctx.out(ctx.call(torch.cat, ts, arg(args, kwargs, 1, "dim", 0)), None)
     if not any(isinstance(t, V) and t.per_model for t in ts):
         return ctx.out(ctx.emit_like(node, args, kwargs), None)
     r = next(t for t in ts if t.per_model).rank
@@ -448,9 +464,15 @@ def fuse_cat(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     return ctx.out(ctx.call(torch.cat, vs, p if p < d else p + 1), S(d))
 
 
-@register_rule(torch.stack)
+@register_rule(torch.stack, by_name=True)
 def fuse_stack(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     ts = list(arg(args, kwargs, 0, "tensors"))
+    # torch.cat skips 1-D empty tensors (shape [0]) whatever the others' rank: so does the fused cat
+    full = [t for t in ts if not (isinstance(t, V) and t.is_tensor and t.rank == 1 and t.meta.shape[0] == 0)]
+    if full and len(full) < len(ts):
+        ts = full
+        if not any(isinstance(t, V) and t.per_model for t in ts):  # only shared tensors are left
+            return ctx.out(ctx.call(torch.cat, ts, arg(args, kwargs, 1, "dim", 0)), None)
     if not any(isinstance(t, V) and t.per_model for t in ts):
         return ctx.out(ctx.emit_like(node, args, kwargs), None)
     r = next(t for t in ts if t.per_model).rank
@@ -466,17 +488,25 @@ def _tuple_layout(ctx, lay: Layout) -> Any:
     return type(meta)(lay for _ in meta) if isinstance(meta, (tuple, list)) else lay
 
 
-@register_rule("split", "chunk", "tensor_split", torch.split, torch.chunk, torch.tensor_split)
+@register_rule("split", "chunk", "tensor_split", torch.split, torch.chunk, torch.tensor_split, by_name=True,
+               rank0=True)
 def fuse_split(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x = args[0]
     p = norm_dim(const(arg(args, kwargs, 2, "dim", 0)), x.rank)
+    if len(args) > 1:
+        sizes = args[1]
+    else:  # bound by name: the one argument besides the tensor and dim (split_size, sections, indices, chunks, ...)
+        sizes = next(v for k, v in kwargs.items() if k != "dim")
+    if isinstance(sizes, V) and sizes.per_model:
+        raise Decline("the split points are a per-model tensor: how many pieces there are, and their sizes, would "
+                      "differ between the models. Pass them as Python ints or a tensor shared by all models")
     x = free_of(ctx, x, [p])
     name = node.target if isinstance(node.target, str) else node.target.__name__
-    new = ctx.method(name, x, arg(args, kwargs, 1, "split_size_or_sections"), ctx.tdim(x, p))
+    new = ctx.method(name, x, sizes, ctx.tdim(x, p))
     return ctx.out(new, _tuple_layout(ctx, x.layout))
 
 
-@register_rule("unbind", torch.unbind)
+@register_rule("unbind", torch.unbind, by_name=True, rank0=True)
 def fuse_unbind(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     x = args[0]
     p = norm_dim(const(arg(args, kwargs, 1, "dim", 0)), x.rank)

@@ -10,6 +10,8 @@ reference everywhere.
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 from torch import Tensor
@@ -64,7 +66,7 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act
     _check("batched_linear", x, weight, bias, act, True)
     n, m, k = weight.shape
     flat = x.dim() == 3  # the usual [N, B, K]: no reshapes (each costs microseconds on a small layer)
-    x3 = x if flat else x.reshape(n, -1, k)
+    x3 = x if flat else x.reshape(n, -1 if k else math.prod(x.shape[1:-1]), k)  # (-1 is ambiguous when K = 0)
     backend = _backend.resolve(backend, "batched_linear")  # once: it reads the environment
     if not _backend.use_triton([x, weight, bias], backend, "batched_linear"):
         if cpu.applies(x3, weight, bias, backend):
@@ -97,7 +99,7 @@ def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: s
     _check("wide_linear", x, weight, bias, act, False)
     n, m, k = weight.shape
     lead = tuple(x.shape[:-1])
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1 if k else math.prod(lead), k)
     backend = _backend.resolve(backend, "wide_linear")
     if not _backend.use_triton([x, weight, bias], backend, "wide_linear"):
         if cpu.applies(x2[None], weight, bias, backend):

@@ -74,5 +74,4 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str =
 
 def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "none") -> Tensor:
     """Shared input: x ``[R, K]`` -> ``[R, N*M]`` (model-major), ONE GEMM with the N weights concatenated."""
-    k = weight.shape[-1]
-    return activation_(F.linear(x, weight.reshape(-1, k), None if bias is None else bias.reshape(-1)), act)
+    return activation_(F.linear(x, weight.flatten(0, 1), None if bias is None else bias.reshape(-1)), act)

@@ -56,3 +56,23 @@ def test_embedding_padding_row_gets_no_gradient():
     g = fused.emb.weight.grad
     assert torch.all(g[:, 2] == 0)
     assert torch.all(g[:, 5].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-model", "shared"])
+def test_embedding_max_norm_renormalises_each_models_rows(shared):
+    """max_norm renormalises the rows looked up, in place: in each model's own table, by its own indices."""
+    def factory():
+        m = nn.Embedding(9, 4, max_norm=1.0, norm_type=1.5)
+        with torch.no_grad():
+            m.weight.mul_(3)  # most rows above the norm
+        return m
+
+    models = make_models(factory, 3)
+    idx = torch.randint(0, 9, (2, 5) if shared else (3, 2, 5))
+    fused = fusecc.fuse(models, shared_inputs=shared)
+    ref = [m.weight.detach().clone() for m in models]
+    got = fused(idx)
+    want = torch.stack([m(idx if shared else idx[i]) for i, m in enumerate(models)])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(fused.weight, torch.stack([m.weight for m in models]))  # the same rows renormed
+    assert not torch.equal(fused.weight, torch.stack(ref))
