@@ -16,5 +16,5 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch==2.14.1", "numpy", "safetensors==0.8.0", "tqdm"],
     entry_points={"console_scripts": ["fusecc = fusecc.cli:main"]},
-    extras_require={"dev": ["pytest", "torchvision==0.29.1"], "bench": ["torchvision==0.29.1"]},
+    extras_require={"dev": ["pytest", "expecttest", "torchvision==0.29.1"], "bench": ["torchvision==0.29.1"]},
 )
