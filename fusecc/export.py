@@ -116,7 +116,9 @@ def load(path: str, format: str) -> Callable:
         with _quiet_jit():
             return torch.jit.load(path)
     if format == "pt2":
-        return torch.export.load(path).module()
+        with warnings.catch_warnings():  # torch 2.11's loader notes that its weights alias the file's read-only bytes
+            warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+            return torch.export.load(path).module()
     if format == "aoti":
         return torch._inductor.aoti_load_package(path)
     raise ValueError(f"fusecc.export.load: unknown format {format!r}; expected one of {list(FORMATS)}")

@@ -85,7 +85,7 @@ def use_triton(tensors: Sequence[Optional[torch.Tensor]], backend: Optional[str]
     if name == "reference":
         return False
     ts = [t for t in tensors if t is not None]
-    on_cuda = bool(ts) and all(t.is_cuda for t in ts)
+    on_cuda = len(ts) > 0 and all(t.is_cuda for t in ts)  # (not bool(ts): dynamo before torch 2.13 cannot trace it)
     if name == "auto":  # float64 and other dtypes the kernels do not take stay on the reference
         return on_cuda and all(t.dtype in SUPPORTED_DTYPES for t in ts if t.is_floating_point()) and triton_available()
     # forced triton

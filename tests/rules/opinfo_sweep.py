@@ -556,7 +556,7 @@ def sample_dtype(opinfo: Any) -> Optional[torch.dtype]:
 
 
 def is_random(opinfo: Any, form: Form) -> bool:
-    return bool(opinfo.has_nondeterministic_output) or opinfo.name.split(".")[-1] in RANDOM_OPS or (
+    return bool(getattr(opinfo, "has_nondeterministic_output", False)) or opinfo.name.split(".")[-1] in RANDOM_OPS or (
         form.entry.split(".")[-1].rstrip("_") in RANDOM_OPS)
 
 
