@@ -3,7 +3,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.fusecc-installed
 
-.PHONY: venv demo demo-train test test-fast bench kernels-report clean
+.PHONY: venv demo demo-train test test-fast bench kernels-report gpu-check clean
 
 # create the virtual environment if absent, (re)install when the requirements change
 $(STAMP): requirements.txt setup.py
@@ -41,6 +41,12 @@ bench: $(STAMP)
 # compile every Triton kernel for sm_80 / sm_90 (no GPU needed) and print registers, spills, shared memory
 kernels-report: $(STAMP)
 	env -u TRITON_INTERPRET $(VPY) -m fusecc.kernels.report
+
+# the GPU check (docs/gpu.md): on a CUDA machine with its own python3 (torch, triton, torchvision, pytest), no
+# network and no venv: fusecc is built from this checkout against that torch. Without a GPU it is a dry run.
+GPU_OUT ?= gpu-check-report
+gpu-check:
+	$(PY) bench/gpu_check.py --out $(GPU_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

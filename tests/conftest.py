@@ -1,9 +1,11 @@
 import os
 import tempfile
 
-# The Triton kernels run in the Triton interpreter on this CPU-only machine. triton reads this when a kernel is
-# decorated, so it is set before anything imports triton (fusecc itself never does on CPU tensors).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# The Triton kernels run in the Triton interpreter on a CPU-only machine. triton reads this when a kernel is
+# decorated, so it is set before anything imports triton (fusecc itself never does on CPU tensors). With
+# FUSECC_TEST_DEVICE=cuda (the GPU check, bench/gpu_check.py) the kernel tests run compiled, on the GPU.
+if os.environ.get("FUSECC_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # fuse(tune=True) caches its measurements on disk: never in the user's home from the tests
 os.environ.setdefault("FUSECC_CACHE_DIR", tempfile.mkdtemp(prefix="fusecc-test-cache-"))
 

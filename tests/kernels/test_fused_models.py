@@ -10,7 +10,7 @@ import fusecc
 from fusecc.kernels import _backend, use_backend
 
 from ..utils import make_models, run_each
-from ._util import assert_close
+from ._util import assert_close, randn
 
 
 def _fwd_bwd(fused, x, backend):
@@ -18,7 +18,7 @@ def _fwd_bwd(fused, x, backend):
     xx = x.detach().clone().requires_grad_()
     with use_backend(backend):
         y = fused(xx)
-        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+        g = randn(*y.shape, generator=torch.Generator().manual_seed(3))
         y.backward(g)
     grads = {k: p.grad.clone() for k, p in fused.named_parameters()}
     return y.detach(), xx.grad, grads, g
@@ -83,6 +83,7 @@ def test_resnet18_kernels(monkeypatch):
            train=False)
 
 
+@pytest.mark.interpreter
 def test_report_names_the_kernels_on_cuda(monkeypatch):
     """On CUDA parameters the report says which fused ops run a Triton kernel (simulated here: no GPU)."""
     monkeypatch.setattr(fusecc.lower.Lowerer, "triton", property(lambda self: True))

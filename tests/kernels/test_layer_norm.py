@@ -8,6 +8,8 @@ import torch
 from fusecc.kernels.layer_norm import LayerNorm, layer_norm, reference
 from tests.utils import assert_close
 
+from ._util import ON_GPU
+
 # (rtol, atol) per dtype: torch.testing's defaults, loosened for an fp16/bf16 result rounded once from fp32 (the
 # kernel) vs the fp32 reference rounded once (they may land one ulp apart) and for dweight summed over the rows
 TOL = {
@@ -31,7 +33,7 @@ AFFINE = [
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
     pytest.param(torch.float16, id="fp16"),
-]
+] + ([pytest.param(torch.bfloat16, id="bf16")] if ON_GPU else [])
 
 
 def _params(n, d, dtype, has_weight, has_bias):
@@ -152,7 +154,8 @@ def ops():
 # interpreted kernel unwrapped (torch/_library/triton.py), so AOTAutograd cannot put it in its graph, and
 # _backend.launch skips launches on the fake tensors it traces with; the traced graph then returns the unwritten
 # (NaN-poisoned) outputs and the comparison with eager fails. It needs a GPU (the real, traceable JITFunction).
-OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor") + (
+    ("test_aot_dispatch_dynamic",) if ON_GPU else ())
 
 
 def test_opcheck_fwd(ops):

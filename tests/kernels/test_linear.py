@@ -12,11 +12,11 @@ from fusecc.kernels import _backend
 from fusecc.kernels.conv1x1 import conv1x1
 from fusecc.kernels.linear import ACTIVATIONS, batched_linear, reference, wide_linear
 
-from ._util import assert_close, leaves, run
+from ._util import GPU_DTYPES, ON_GPU, assert_close, leaves, run
 
 # (N, R, K, M): none a multiple of the interpreter's 16-wide tiles except where noted
 SHAPES = [(3, 19, 21, 35), (1, 5, 16, 17), (5, 33, 7, 18)]
-DTYPES = [torch.float32, torch.float16]
+DTYPES = [torch.float32, torch.float16] + GPU_DTYPES
 
 
 def _compare(fn_kernel, fn_ref, inputs, dtype, tag):
@@ -72,6 +72,7 @@ def test_strided_input_and_output_gradient():
     assert_close("dw", gw, w.grad, torch.float32)
 
 
+@pytest.mark.interpreter
 def test_bf16_upcast_in_interpreter():
     """bf16 runs with its dot operands upcast to fp32 (the interpreter's bf16 dot is wrong)."""
     assert _backend.upcast_dot(torch.bfloat16)
@@ -141,7 +142,8 @@ def test_opcheck_linear_ops():
     # test_aot_dispatch_dynamic is left out: under the interpreter wrap_triton hands back the interpreted kernel
     # unwrapped, so AOTAutograd's trace (on fake tensors, where no kernel can run) records no launch, and its
     # replay returns unwritten outputs. On a GPU the launch is a traced higher-order op and that check applies.
-    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor") + (
+        ("test_aot_dispatch_dynamic",) if ON_GPU else ())  # (not in the interpreter: see below)
     x, w, b = torch.randn(2, 17, 20), torch.randn(2, 9, 20), torch.randn(2, 9)
     ops = torch.ops.fusecc
     torch.library.opcheck(ops.linear_fwd.default, (x, w, b, 2, False, False, True), test_utils=checks)

@@ -14,6 +14,8 @@ from fusecc.kernels import use_backend
 from fusecc.kernels.optim import adam_step, reference, sgd_step
 from tests.utils import assert_close
 
+from ._util import DEVICE, ON_GPU, randn
+
 K = 3  # steps per test
 # per model, all in one launch. 41 x 53 = 2173 > 2 * 1024: every model has a block inside it (the kernel's
 # scalar-coefficient path), blocks across two models and a tail; the small ones share blocks between models
@@ -23,11 +25,13 @@ SHAPES = [(7, 5), (13,), (1,), (41, 53)]
 # op's result to fp16 (AdamW: p * (1 - lr * wd), then the update, then the moments) where the kernel rounds once,
 # so after K=3 steps they land up to 3 fp16 ulps apart (an ulp is 2**-10 relative). Measured against an fp64
 # torch.optim run, the kernel's fp16 error is of the same size as torch's own (the final rounding dominates both).
-TOL_REF = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-3)}
-TOL_TORCH = {torch.float32: (1e-5, 1e-5), torch.float16: (4e-3, 4e-3)}
+# bf16 (on a GPU only): the same reasoning with bf16's ulp (2**-7 relative)
+TOL_REF = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}
+TOL_TORCH = {torch.float32: (1e-5, 1e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
 
 NS = [pytest.param(1, id="N1"), pytest.param(3, id="N3")]
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")] + (
+    [pytest.param(torch.bfloat16, id="bf16")] if ON_GPU else [])
 
 
 def pick(vals, n):
@@ -260,9 +264,9 @@ def test_opcheck(launches):
     ps, gs = [torch.randn(3, 7, 5), torch.randn(3, 13)], [torch.randn(3, 7, 5), torch.randn(3, 13)]
     zs = [[torch.rand_like(p) for p in ps] for _ in range(3)]
     utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-    hp = reference.sgd_hparams(3, torch.device("cpu"), lr=[0.1, 0.2, 0.3], momentum=0.9)
+    hp = reference.sgd_hparams(3, ps[0].device, lr=[0.1, 0.2, 0.3], momentum=0.9)
     torch.library.opcheck(ops.sgd_step, (ps, gs, zs[0], hp, True, False, False), test_utils=utils)
-    hp = reference.adam_hparams(3, torch.device("cpu"), lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
+    hp = reference.adam_hparams(3, ps[0].device, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
                                 step=2, decoupled=True)
     torch.library.opcheck(ops.adam_step, (ps, gs, zs[0], zs[1], zs[2], hp, True, False), test_utils=utils)
 
@@ -287,8 +291,9 @@ def test_fusecc_optim_step_through_kernel(opt_name, kwargs, launches):
     opt, opt_aten = (getattr(fusecc.optim, opt_name)(f, **kwargs) for f in (fused, twin))
     g = torch.Generator().manual_seed(1)
     for step in range(K):
-        x, y = torch.randn(3, 4, 5, generator=g), torch.randint(0, 3, (3, 4), generator=g)
-        for f, o, backend in ((fused, opt, "triton"), (twin, opt_aten, "auto")):
+        x = randn(3, 4, 5, generator=g)
+        y = torch.randint(0, 3, (3, 4), generator=g, device="cpu").to(DEVICE)
+        for f, o, backend in ((fused, opt, "triton"), (twin, opt_aten, "reference")):
             fusecc.per_model_loss(F.cross_entropy, f(x), y).sum().backward()
             with use_backend(backend):
                 o.step()

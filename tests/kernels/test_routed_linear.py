@@ -10,6 +10,8 @@ import torch
 from fusecc.kernels.routed_linear import RoutedLinear, reference, routed_linear
 from tests.utils import assert_close
 
+from ._util import ON_GPU
+
 # (rtol, atol) per dtype: torch.testing's defaults, loosened for an fp16/bf16 result rounded once from an fp32
 # accumulation vs the oracle rounded once (they may land one ulp apart), and for fp32 sums over ~40 products
 TOL = {
@@ -28,7 +30,8 @@ CASES = [
     pytest.param(6, 12, 10, 2, "unrouted", id="R6-K12-M10-N2-unrouted"),
     pytest.param(0, 8, 8, 3, "all", id="R0-K8-M8-N3"),
 ]
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")] + (
+    [pytest.param(torch.bfloat16, id="bf16")] if ON_GPU else [])
 
 
 def _make_idx(r: int, n: int, kind: str) -> torch.Tensor:
@@ -204,7 +207,8 @@ def ops():
 # interpreted kernel unwrapped (torch/_library/triton.py), so AOTAutograd cannot put it in its graph, and
 # _backend.launch skips launches on the fake tensors it traces with; the traced graph then returns the unwritten
 # (NaN-poisoned) outputs and the comparison with eager fails. It needs a GPU (the real, traceable JITFunction).
-OPCHECK_UTILS: Sequence[str] = ("test_schema", "test_autograd_registration", "test_faketensor")
+OPCHECK_UTILS: Sequence[str] = ("test_schema", "test_autograd_registration", "test_faketensor") + (
+    ("test_aot_dispatch_dynamic",) if ON_GPU else ())
 
 
 def test_opcheck(ops):
