@@ -1,16 +1,17 @@
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-# kernels/ installs as fusecc.kernels (never as a top-level `kernels`, a name an unrelated PyPI package owns);
-# each op folder in it is a subpackage
+# every package is discovered (a new one needs no line here). kernels/ installs as fusecc.kernels (never as a
+# top-level `kernels`, a name an unrelated PyPI package owns); each op folder in it is a subpackage
 _OPS = sorted(d for d in os.listdir("kernels") if os.path.isfile(os.path.join("kernels", d, "__init__.py")))
+_PACKAGES = ["fusecc"] + [f"fusecc.{p}" for p in find_packages("fusecc")]
 
 setup(
     name="fusecc",
     version="0.1.0",
     description="Fuse N same-architecture PyTorch models into one module that runs all N at once",
-    packages=["fusecc", "fusecc.rules", "fusecc.optim", "fusecc.kernels"] + [f"fusecc.kernels.{op}" for op in _OPS],
+    packages=_PACKAGES + ["fusecc.kernels"] + [f"fusecc.kernels.{op}" for op in _OPS],
     package_dir={"fusecc.kernels": "kernels"},
     package_data={"fusecc.kernels.linear": ["*.c"]},  # compiled at first use (kernels/linear/cpu.py)
     python_requires=">=3.10",

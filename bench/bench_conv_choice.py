@@ -23,7 +23,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import MODELS, input_shape  # noqa: E402
 
-from fusecc import choose, lowering  # noqa: E402
+from fusecc import choose, runtime  # noqa: E402
 
 
 def conv_layers(model: nn.Module, x: torch.Tensor) -> List[Tuple[str, nn.Conv2d, Tuple[int, ...]]]:
@@ -68,14 +68,14 @@ def main() -> None:
             names = choose.conv_candidates(2, x_shape, w_shape, conv.padding, groups)
 
             def run(impl: str, x=x, w=w, conv=conv, groups=groups) -> None:
-                y = lowering.stacked_conv(x, w, b, conv.stride, conv.padding, conv.dilation, groups, 2, impl)
+                y = runtime.conv.stacked_conv(x, w, b, conv.stride, conv.padding, conv.dilation, groups, 2, impl)
                 if a.train:
                     y.backward(torch.ones_like(y))
 
             with torch.no_grad():
-                ref = lowering.stacked_conv(x, w, b, conv.stride, conv.padding, conv.dilation, groups, 2, "grouped")
+                ref = runtime.conv.stacked_conv(x, w, b, conv.stride, conv.padding, conv.dilation, groups, 2, "grouped")
                 for impl in names:
-                    y = lowering.stacked_conv(x, w, b, conv.stride, conv.padding, conv.dilation, groups, 2, impl)
+                    y = runtime.conv.stacked_conv(x, w, b, conv.stride, conv.padding, conv.dilation, groups, 2, impl)
                     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
             ms = choose.time_candidates({c: (lambda c=c: run(c)) for c in names}, a.reps, grad=a.train)
             rule = choose.conv_rule(torch.device("cpu"), x_shape, w_shape, conv.stride, conv.padding, conv.dilation,

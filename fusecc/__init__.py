@@ -6,5 +6,5 @@ from .errors import FusionError
 from .export import export
 from .utils import per_model_loss
 
-__version__ = "0.1.0"
+from .version import __version__
 __all__ = ["FusedModule", "FusionError", "export", "fuse", "optim", "per_model_loss", "utils", "__version__"]

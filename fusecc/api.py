@@ -1,24 +1,30 @@
-"""fuse(): N same-architecture models -> one FusedModule that runs all N at once."""
+"""fuse(): N same-architecture models -> one FusedModule that runs all N at once.
+
+The module holds the N models' parameters and buffers stacked ``[N, ...]`` under their original qualnames, and one
+compiled forward per input signature (fusecc/pipeline.py makes it at the first call). It is an ordinary
+``nn.Module``: state_dict, ``.to()``, train/eval; and models go in and out of it (``model_state_dict(i)``,
+``load_model_state_dict(i, sd)``, ``unfuse()``, ``select(indices)``).
+"""
 
 from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
-from . import rules as _rules  # noqa: F401  (registers every rule)
+from fusecc.kernels._backend import use_triton
+
 from .check import check_models
-from .errors import FusionError
 from .choose import Chooser
-from .epilogue import fuse_activations
-from .lower import Lowerer, Report, S, codegen, eliminate_dead_code, source_line
-from .trace import shape_prop, trace
+from .errors import FusionError
+from .fleet import Constant, Fleet, StackedTensor
+from .pipeline import Compiled, compile_fleet
+from .report import Report
 
 
 class _Holder(nn.Module):
@@ -30,13 +36,6 @@ class _Holder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"fused {self._fusecc_type}"
-
-
-@dataclass
-class _Compiled:
-    fn: Callable
-    graph: fx.Graph
-    report: Report
 
 
 def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -58,6 +57,7 @@ class FusedModule(nn.Module):
         shared_inputs: Union[bool, Iterable[str]] = False,
         leaf_modules: Sequence[Any] = (),
         tune: bool = False,
+        strict: bool = False,
     ):
         super().__init__()
         models = check_models(models)
@@ -73,6 +73,7 @@ class FusedModule(nn.Module):
         self._fusecc_traced_consts: List[str] = []
         self._fusecc_source = type(ref).__qualname__
         self._fusecc_leaf_modules = tuple(leaf_modules)
+        self._fusecc_strict = bool(strict)
         sig = inspect.signature(proto.forward)
         self.__dict__["_fusecc_sig"] = sig  # computed once: binding call arguments is on every forward's path
         for p in sig.parameters.values():
@@ -226,7 +227,20 @@ class FusedModule(nn.Module):
     # torch._disable_dynamo imports torch._dynamo only when first called (torch.compiler.disable would import it, and
     # triton with it, at `import fusecc`); the compile's FakeTensorMode imports it then anyway.
     @torch._disable_dynamo
-    def _compile(self, key: tuple, bound: List[Tuple[str, Any]]) -> _Compiled:
+    def _compile(self, key: tuple, bound: List[Tuple[str, Any]]) -> Compiled:
+        self._sync_prototype()
+        compiled = compile_fleet(self._fleet(), bound, self._fusecc_shared)
+        for name, t in compiled.constants.items():  # what the generated forward reads: the module holds it
+            self.register_buffer(name, t, persistent=False)
+            self._fusecc_traced_consts.append(name)
+        for qual, template in compiled.templates.items():
+            self._fusecc_templates.setdefault(qual, template)
+        self._fusecc_compiled[key] = compiled
+        return compiled
+
+    def _sync_prototype(self) -> None:
+        """The prototype (traced and shape-propagated, never run on data) follows the module's device, dtype and
+        train/eval modes."""
         proto = self._fusecc_proto
         ref = self._ref_tensor()
         if ref is not None:
@@ -238,46 +252,35 @@ class FusedModule(nn.Module):
             fm = fused_mods.get(path) if path else self
             if fm is not None:
                 m.training = fm.training
-        concrete = {name: v for name, v in bound if not isinstance(v, Tensor)}
-        gm = trace(proto, concrete, self._fusecc_leaf_modules)
-        examples = []
-        inputs: List[Tuple[str, Any]] = []
-        for name, v in bound:
-            if isinstance(v, Tensor):
-                shared = name in self._fusecc_shared
-                examples.append(v if shared else v[0])
-                inputs.append(("tensor", None if shared else S(0)))
-            else:
-                examples.append(v)
-                inputs.append(("const", v))
-        shape_prop(gm, examples)
-        lowerer = Lowerer(self, gm, self.num_models)
-        try:
-            graph = lowerer.run(inputs)
-        except FusionError as e:
-            raise self._with_source_line(e, concrete) from e.__cause__
-        fuse_activations(graph, self, lowerer.report)
-        eliminate_dead_code(graph)
-        entry = _Compiled(codegen(graph, self._fusecc_source), graph, lowerer.report)
-        self._fusecc_compiled[key] = entry
-        return entry
 
-    def _with_source_line(self, err: FusionError, concrete: Dict[str, Any]) -> FusionError:
-        """Re-trace with stack traces (costly, so only now) to add the user's source line to a lowering error."""
-        name = getattr(err, "node_name", None)
-        if not name:
-            return err
-        gm = trace(self._fusecc_proto, concrete, self._fusecc_leaf_modules, stack_traces=True)
-        node = next((nd for nd in gm.graph.nodes if nd.name == name), None)
-        line = source_line(node) if node is not None else None
-        return FusionError(f"{err}\n  at {line}") if line else err
+    def _fleet(self) -> Fleet:
+        """What the compiler reads about this module (fusecc/fleet.py)."""
+        tensors = {}
+        for canon in dict.fromkeys(self._fusecc_alias.values()):
+            t = self._canonical_tensor(canon)
+            tensors[canon] = StackedTensor(canon, tuple(t.shape[1:]), t.dtype, canon in self._fusecc_param_names)
+        constants = {}
+        for q, (bname, stacked) in self._fusecc_constants.items():
+            t = self.get_buffer(bname)
+            constants[q] = Constant(bname, stacked, tuple(t.shape[1:] if stacked else t.shape), t.dtype)
+        ref = self._ref_tensor()
+        p = next(iter(self.parameters()), None)
+        return Fleet(
+            n=self.num_models, prototype=self._fusecc_proto, source=self._fusecc_source, tensors=tensors,
+            aliases=dict(self._fusecc_alias), constants=constants,
+            training={path: m.training for path, m in self.named_modules()},
+            device=ref.device if ref is not None else torch.device("cpu"),
+            kernels=p is not None and use_triton([p]),  # (CPU tensors too when forced: the interpreter)
+            chooser=self._fusecc_chooser, leaf_modules=self._fusecc_leaf_modules, strict=self._fusecc_strict,
+            reserved=frozenset(list(self._buffers) + list(self._parameters) + list(self._modules)),
+        )
 
     def compile_for(self, *args: Any, **kwargs: Any) -> "FusedModule":
         """Compile for these example inputs now (instead of at the first call). Returns self."""
         self._entry_for(args, kwargs)
         return self
 
-    def _entry_for(self, args: tuple, kwargs: dict) -> Tuple[_Compiled, List[Tensor]]:
+    def _entry_for(self, args: tuple, kwargs: dict) -> Tuple[Compiled, List[Tensor]]:
         """The compiled forward for these inputs (compiling it if new), and the tensors it takes."""
         bound = self._bind(args, kwargs)
         key, tensors = self._signature(bound)
@@ -441,6 +444,7 @@ def fuse(
     example_inputs: Optional[Union[Tensor, tuple, dict]] = None,
     leaf_modules: Sequence[Any] = (),
     tune: bool = False,
+    strict: bool = False,
 ) -> FusedModule:
     """Fuse N models of one architecture that differ only in their weights into ONE module.
 
@@ -457,6 +461,8 @@ def fuse(
             channels-last, per-model loop) on its real shapes, once, and keep the fastest; the choices are cached on
             disk (``$FUSECC_CACHE_DIR`` or ``~/.cache/fusecc``), so fusing the same fleet again costs no timing.
             Without it a built-in rule picks. ``print(fused)`` lists the choice per layer.
+        strict: a layer with no fusion rule (which would otherwise run as a loop over the N models, with a warning)
+            is a :class:`FusionError` naming the layer and the reason, raised when the module compiles.
 
     Returns:
         A :class:`FusedModule`. ``fused(x)`` with ``x`` of shape ``[N, B, ...]`` returns ``[N, B, ...]`` where
@@ -468,7 +474,7 @@ def fuse(
         fused = fusecc.fuse(models)
         y = fused(torch.randn(8, 4, 3, 64, 64))   # [8, 4, 10]
     """
-    fused = FusedModule(models, shared_inputs=shared_inputs, leaf_modules=leaf_modules, tune=tune)
+    fused = FusedModule(models, shared_inputs=shared_inputs, leaf_modules=leaf_modules, tune=tune, strict=strict)
     if example_inputs is not None:
         if isinstance(example_inputs, dict):
             fused.compile_for(**example_inputs)

@@ -24,7 +24,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.nn.modules.utils import _pair
 
-from . import lowering
+from . import runtime
+from .version import __version__
 
 CONV_HOW = {
     "grouped": "grouped conv (groups = N*g)",
@@ -41,11 +42,12 @@ LINEAR_HOW = {"bmm": "batched GEMM (baddbmm / CPU small-batch kernel)", "loop": 
 
 def conv_candidates(nd: int, x_shape: Optional[Sequence[int]] = None, w_shape: Optional[Sequence[int]] = None,
                     padding: Any = 0, groups: int = 0) -> List[str]:
-    """The lowerings that can run this conv (``lowering.stacked_conv``'s ``impl``); without the shapes, those
+    """The lowerings that can run this conv (``runtime.conv.stacked_conv``'s ``impl``); without the shapes, those
     that run any conv of ``nd`` dims."""
     if nd != 2:
         return ["grouped", "loop"]
-    gemm = x_shape is not None and w_shape is not None and lowering.gemm_conv_ok(x_shape, w_shape, padding, groups, nd)
+    gemm = x_shape is not None and w_shape is not None and runtime.conv.gemm_conv_ok(x_shape, w_shape, padding,
+                                                                                    groups, nd)
     return ["grouped", "channels_last", "loop"] + (["gemm"] if gemm else [])
 
 
@@ -75,9 +77,9 @@ def conv_rule(device: torch.device, x_shape: Sequence[int], w_shape: Sequence[in
         return "grouped"
     ks = tuple(w_shape[3:])
     st, pd, dl = _pair(stride), _pair(padding), _pair(dilation)  # nd == 2 here
-    taps = [lowering.live_taps(x_shape[2 + i], ks[i], st[i], pd[i], dl[i]) for i in range(nd)]
+    taps = [runtime.conv.live_taps(x_shape[2 + i], ks[i], st[i], pd[i], dl[i]) for i in range(nd)]
     pixels = taps[0][0] * taps[1][0]
-    if lowering.gemm_conv_ok(x_shape, w_shape, padding, groups or w_shape[0], nd):
+    if runtime.conv.gemm_conv_ok(x_shape, w_shape, padding, groups or w_shape[0], nd):
         single_tap = all(t[3] for t in taps)
         if single_tap and pixels <= 16 or pixels <= 4 and w_shape[1] >= 128:
             return "gemm"
@@ -94,8 +96,6 @@ def cache_path() -> str:
 
 
 def _versions() -> str:
-    from . import __version__
-
     return f"fusecc {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
@@ -174,7 +174,7 @@ class Chooser:
 
             def run(impl: str) -> None:
                 with torch.enable_grad():
-                    y = lowering.batched_linear(x, w, b, "none", impl)
+                    y = runtime.linear.batched_linear(x, w, b, "none", impl)
                     if training:
                         y.backward(torch.ones_like(y))
 
@@ -195,7 +195,7 @@ class Chooser:
             x = torch.randn(tuple(x_shape), dtype=dtype, device=device)
             w = torch.randn(tuple(w_shape), dtype=dtype, device=device)
             b = torch.randn(tuple(w_shape[:2]), dtype=dtype, device=device) if has_bias else None
-            return {c: (lambda c=c: lowering.stacked_conv(x, w, b, stride, padding, dilation, groups, nd, impl=c))
+            return {c: (lambda c=c: runtime.conv.stacked_conv(x, w, b, stride, padding, dilation, groups, nd, impl=c))
                     for c in names}
 
         return self._measured(key, candidates)

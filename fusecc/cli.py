@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import __version__
+from .version import __version__
 from .api import FusedModule, fuse
 from .errors import FusionError
 from .export import FORMATS, SUFFIX, atomic_path, export, load

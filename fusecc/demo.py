@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     rel = err / ref.abs().max().item()
     print(fused)
     print(f"\n{n} x resnet18, batch {a.batch} per model, {a.res}x{a.res}: output {list(y.shape)}")
-    print(f"max abs error vs the {n} models run one by one: {err:.3g} (relative {rel:.3g}); first call {compile_s:.2f}s")
+    print(f"max abs error vs the {n} models run one by one: {err:.3g} (relative {rel:.3g}); "
+          f"first call {compile_s:.2f}s")
 
     def loop():
         return [m(xi) for m, xi in zip(models, x)]

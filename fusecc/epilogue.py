@@ -1,4 +1,4 @@
-"""Epilogue fusion on the lowered graph: an activation that only consumes a per-model linear runs inside it.
+"""Epilogue fusion on the fused graph: an activation that only consumes a per-model linear runs inside it.
 
 ``y = batched_linear(x, w, b); z = relu(y)`` becomes ``z = batched_linear(x, w, b, "relu")`` when y has no other
 user. On CUDA the Triton linear kernel then applies the activation in its epilogue (and its derivative inside the
@@ -15,10 +15,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import lowering
-from .lower import Report
+from . import runtime
+from .report import Report
 
-_LINEARS = (lowering.batched_linear, lowering.wide_linear)
+_LINEARS = (runtime.linear.batched_linear, runtime.linear.wide_linear)
 _FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.silu: "silu", F.gelu: "gelu"}
 _METHODS = {"relu": "relu", "relu_": "relu"}
 

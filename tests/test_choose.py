@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import fusecc
-from fusecc import choose, lowering
+from fusecc import choose, runtime
 
 from .utils import assert_close, check_fused, make_models
 
@@ -44,7 +44,7 @@ def test_every_conv_lowering_computes_the_same(shape, cout, k, s, p, d, g, bias)
         for t in (x, w, bb):
             if t is not None:
                 t.grad = None
-        y = lowering.stacked_conv(x, w, bb, s, p, d, g * n, nd, impl)
+        y = runtime.conv.stacked_conv(x, w, bb, s, p, d, g * n, nd, impl)
         gy = torch.randn_like(y) if gy is None else gy
         y.backward(gy)
         results[impl] = (y.detach(), x.grad.clone(), w.grad.clone(), None if bb is None else bb.grad.clone())
@@ -59,9 +59,9 @@ def test_every_conv_lowering_computes_the_same(shape, cout, k, s, p, d, g, bias)
 def test_loop_and_gemm_lowerings_of_a_shared_input(hw, k, s, p):
     """A shared input (groups = 1): every model convolves all of x."""
     x, w, b = torch.randn(2, 4, *hw), torch.randn(3, 5, 4, k, k), torch.randn(3, 5)
-    ref = lowering.stacked_conv(x, w, b, s, p, 1, 1, 2, "grouped")
+    ref = runtime.conv.stacked_conv(x, w, b, s, p, 1, 1, 2, "grouped")
     for impl in ("loop", "gemm"):
-        assert_close(impl, lowering.stacked_conv(x, w, b, s, p, 1, 1, 2, impl), ref)
+        assert_close(impl, runtime.conv.stacked_conv(x, w, b, s, p, 1, 1, 2, impl), ref)
 
 
 @pytest.mark.parametrize("size,k,s,p,d,want", [
@@ -74,7 +74,7 @@ def test_loop_and_gemm_lowerings_of_a_shared_input(hw, k, s, p):
     (1, 3, 1, 2, 1, (3, 0, 2, False)),  # each output sees the pixel through another tap
 ])
 def test_live_taps(size, k, s, p, d, want):
-    assert lowering.live_taps(size, k, s, p, d) == want
+    assert runtime.conv.live_taps(size, k, s, p, d) == want
 
 
 def test_gemm_lowering_keeps_the_live_taps_while_the_weight_is_unchanged():
@@ -83,11 +83,11 @@ def test_gemm_lowering_keeps_the_live_taps_while_the_weight_is_unchanged():
     and the gradient reaches the weight."""
     x = torch.randn(2, 3 * 4, 1, 1)
     w = nn.Parameter(torch.randn(3, 5, 4, 3, 3))
-    ref = lambda: lowering.stacked_conv(x, w, None, 1, 1, 1, 3, 2, "grouped")  # noqa: E731
-    gemm = lambda: lowering.stacked_conv(x, w, None, 1, 1, 1, 3, 2, "gemm")  # noqa: E731
+    ref = lambda: runtime.conv.stacked_conv(x, w, None, 1, 1, 1, 3, 2, "grouped")  # noqa: E731
+    gemm = lambda: runtime.conv.stacked_conv(x, w, None, 1, 1, 1, 3, 2, "gemm")  # noqa: E731
     with torch.no_grad():
         assert_close("first", gemm(), ref())
-        kept = lowering._DERIVED[w]
+        kept = runtime.derived._DERIVED[w]
         assert len(kept) == 1
         assert_close("again", gemm(), ref())
         w.mul_(-2.0)
@@ -97,8 +97,8 @@ def test_gemm_lowering_keeps_the_live_taps_while_the_weight_is_unchanged():
     with torch.inference_mode():  # under inference mode, and for a weight made there (no version counter)
         assert_close("inference mode", gemm(), ref())
         w_inf = torch.randn(3, 5, 4, 3, 3)
-        assert_close("inference-mode weight", lowering.stacked_conv(x, w_inf, None, 1, 1, 1, 3, 2, "gemm"),
-                     lowering.stacked_conv(x, w_inf, None, 1, 1, 1, 3, 2, "grouped"))
+        assert_close("inference-mode weight", runtime.conv.stacked_conv(x, w_inf, None, 1, 1, 1, 3, 2, "gemm"),
+                     runtime.conv.stacked_conv(x, w_inf, None, 1, 1, 1, 3, 2, "grouped"))
     y = gemm()
     y.sum().backward()
     expect = torch.zeros_like(w)
@@ -184,7 +184,7 @@ def test_loop_linear_lowering_matches_bmm():
     for impl in ("bmm", "loop"):
         for t in (x, w, b):
             t.grad = None
-        y = lowering.batched_linear(x, w, b, "gelu", impl)
+        y = runtime.linear.batched_linear(x, w, b, "gelu", impl)
         y.backward(torch.ones_like(y))
         grads[impl] = (y.detach(), x.grad.clone(), w.grad.clone(), b.grad.clone())
     for name, a, e in zip(("y", "dx", "dw", "db"), grads["loop"], grads["bmm"]):
@@ -195,7 +195,7 @@ def test_weight_gradient_has_the_weight_layout():
     """The reference batched linear writes dW contiguous like W (autograd's baddbmm gives a transposed one, whose
     accumulation into .grad is a slow strided copy)."""
     x, w = torch.randn(3, 4, 6), torch.randn(3, 5, 6, requires_grad=True)
-    lowering.batched_linear(x, w, None).sum().backward()
+    runtime.linear.batched_linear(x, w, None).sum().backward()
     assert w.grad.is_contiguous()
 
 

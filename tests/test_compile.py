@@ -87,7 +87,7 @@ def test_two_compiled_fleets_with_different_batch_sizes():
 
 @pytest.mark.slow
 def test_gemm_convs_compile_in_one_graph():
-    """3x3 convs on a 1x1 map run as their centre tap (a re-laid-out weight, lowering.derived_weight): one graph
+    """3x3 convs on a 1x1 map run as their centre tap (a re-laid-out weight, runtime.derived.derived_weight): one graph
     under torch.compile (a check in derived_weight broke the graph at every such conv, and inductor's time doubled)."""
     models = [m.eval() for m in make_models(lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
                                                                   nn.Conv2d(8, 16, 3, padding=1)), 2)]

@@ -25,7 +25,7 @@ COPIES = ("aten.clone.default", "aten.copy_.default", "aten._to_copy.default", "
 
 
 class _CountOps(TorchDispatchMode):
-    """Counts the aten ops of a call; ops run inside ``lowering.conv_gemm`` are also counted as "in conv_gemm"."""
+    """Counts the aten ops of a call; ops run inside ``runtime.conv.conv_gemm`` are also counted as "in conv_gemm"."""
 
     def __init__(self):
         super().__init__()

@@ -1,6 +1,12 @@
-"""Rules, one file per op family; importing this package registers them all (see registry.py)."""
+"""Rules, one module per op family; every module in this package is imported here, which registers its rules (see
+registry.py): adding an op family is adding a file, with no list to update."""
 
-from . import attention, conv, dropout, embedding, linear, norm, pointwise, pool, reduce, shape  # noqa: F401
+import importlib
+import pkgutil
+
 from .registry import Decline, register_rule, registered_ops
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = ["Decline", "register_rule", "registered_ops"]

@@ -7,13 +7,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import lowering
-from ..lower import S, V
+from .. import runtime
+from ..values import Stacked, Value
 from .registry import Decline, arg, const, register_rule
 
 
 @register_rule(nn.MultiheadAttention)
-def fuse_mha(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_mha(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     m = ctx.module(node)
     q, k, v = arg(args, kwargs, 0, "query"), arg(args, kwargs, 1, "key"), arg(args, kwargs, 2, "value")
     kpm = arg(args, kwargs, 3, "key_padding_mask")
@@ -24,8 +24,8 @@ def fuse_mha(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     for name, t in (("query", q), ("key", k), ("value", v)):
         if t.rank != 3:
             raise Decline(f"unbatched {name} (rank {t.rank}); only batched [B, T, E] inputs are fused")
-    kpm_pm = isinstance(kpm, V) and kpm.per_model
-    mask_pm = isinstance(attn_mask, V) and attn_mask.per_model
+    kpm_pm = isinstance(kpm, Value) and kpm.per_model
+    mask_pm = isinstance(attn_mask, Value) and attn_mask.per_model
     if kpm_pm:
         kpm = ctx.stacked(kpm, 0)
     if mask_pm:
@@ -38,16 +38,16 @@ def fuse_mha(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     qs = [ctx.stacked(x, 0) if x.per_model else x for x in (q, k, v)]
     ctx.record("multihead_attention", "batched GEMM projections + SDPA with N folded into the batch")
     y = ctx.call(
-        lowering.multi_head_attention, *qs, q.per_model, k.per_model, v.per_model, m.num_heads,
+        runtime.attention.multi_head_attention, *qs, q.per_model, k.per_model, v.per_model, m.num_heads,
         t["in_proj_weight"], t["in_proj_bias"], t["q_proj_weight"], t["k_proj_weight"], t["v_proj_weight"],
         t["bias_k"], t["bias_v"], m.add_zero_attn, t["out_proj.weight"], t["out_proj.bias"],
         m.dropout if m.training else 0.0, kpm, need_weights, attn_mask, avg, False, m.batch_first, kpm_pm, mask_pm,
     )
-    return ctx.out(y, (S(0), S(0) if need_weights else None))
+    return ctx.out(y, (Stacked(0), Stacked(0) if need_weights else None))
 
 
 @register_rule(F.scaled_dot_product_attention, by_name=True)
-def fuse_sdpa(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_sdpa(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     q, k, v = args[0], arg(args, kwargs, 1, "key"), arg(args, kwargs, 2, "value")
     mask = arg(args, kwargs, 3, "attn_mask")
     dropout_p = arg(args, kwargs, 4, "dropout_p", 0.0)
@@ -56,8 +56,8 @@ def fuse_sdpa(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     gqa = kwargs.get("enable_gqa", False)
     rank = max(q.rank, k.rank, v.rank)
     qs = [ctx.pad(ctx.stacked(x, 0), rank) for x in (q, k, v)]
-    if isinstance(mask, V):
+    if isinstance(mask, Value):
         mask = ctx.pad(ctx.stacked(mask, 0), rank)
     ctx.record("scaled_dot_product_attention", "SDPA with N folded into the batch")
-    y = ctx.call(lowering.sdpa, *qs, mask, dropout_p, is_causal, scale, gqa)
-    return ctx.out(y, S(0))
+    y = ctx.call(runtime.attention.sdpa, *qs, mask, dropout_p, is_causal, scale, gqa)
+    return ctx.out(y, Stacked(0))

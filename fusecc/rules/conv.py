@@ -11,8 +11,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import choose, lowering
-from ..lower import Fo, S, V
+from .. import choose, runtime
+from ..values import Folded, Stacked, Value
 from .registry import Decline, arg, const, register_rule
 
 _CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -24,7 +24,7 @@ def _zero(v, value: int = 0) -> bool:
     return not isinstance(v, str) and all(e == value for e in (v if isinstance(v, (tuple, list)) else (v,)))
 
 
-def conv(ctx, x: V, w: V, b, stride, padding, dilation, groups: int, nd: int) -> V:
+def conv(ctx, x: Value, w: Value, b, stride, padding, dilation, groups: int, nd: int) -> Value:
     ch = x.rank - nd - 1  # channel dim: 1 for a batched input, 0 for an unbatched one
     if ch not in (0, 1):
         raise Decline(f"conv{nd}d expects a {nd + 1}D or {nd + 2}D per-model input, got {x.rank}D")
@@ -33,8 +33,8 @@ def conv(ctx, x: V, w: V, b, stride, padding, dilation, groups: int, nd: int) ->
             b = ctx.stacked(b, 0)
         if not x.per_model and groups == 1:
             ctx.record(f"conv{nd}d", "wide conv (shared input, N*Cout output channels)")
-            y = ctx.call(lowering.stacked_conv, x, w, b, stride, padding, dilation, 1, nd)
-            return ctx.out(y, Fo(ch))
+            y = ctx.call(runtime.conv.stacked_conv, x, w, b, stride, padding, dilation, 1, nd)
+            return ctx.out(y, Folded(ch))
         xf = ctx.folded(x, ch)
         pointwise = nd == 2 and groups == 1 and tuple(w.meta.shape[-2:]) == (1, 1) and _zero(padding)
         if ctx.triton and pointwise and _zero(dilation, 1):
@@ -50,18 +50,18 @@ def conv(ctx, x: V, w: V, b, stride, padding, dilation, groups: int, nd: int) ->
         else:
             impl = "grouped"
             ctx.record(f"conv{nd}d", "grouped conv (groups = N*g)")
-        y = ctx.call(lowering.stacked_conv, xf, w, b, stride, padding, dilation, groups * ctx.n, nd, impl)
-        return ctx.out(y, Fo(ch))
+        y = ctx.call(runtime.conv.stacked_conv, xf, w, b, stride, padding, dilation, groups * ctx.n, nd, impl)
+        return ctx.out(y, Folded(ch))
     mb = b if b is not None and b.per_model else None  # a per-model bias: added after the shared conv
     xs = ctx.stacked(x, 0)
     ctx.record(f"conv{nd}d", "one conv (weight shared by all models), N folded into the batch")
-    y = ctx.call(lowering.shared_weight_conv, xs, nd, False, w, None if mb is not None else b, stride, padding,
+    y = ctx.call(runtime.conv.shared_weight_conv, xs, nd, False, w, None if mb is not None else b, stride, padding,
                  dilation, groups, model_bias=mb)
-    return ctx.out(y, S(0))
+    return ctx.out(y, Stacked(0))
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def fuse_conv_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_conv_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     m = ctx.module(node)
     x = arg(args, kwargs, 0, "input")
     nd = len(m.kernel_size)
@@ -71,42 +71,43 @@ def fuse_conv_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
         ch = x.rank - nd - 1
         x = ctx.folded(x, ch) if x.per_model else x
         lay = x.layout
-        x = V(ctx.call(F.pad, x, m._reversed_padding_repeated_twice, mode=m.padding_mode), lay, x.meta)
+        x = Value(ctx.call(F.pad, x, m._reversed_padding_repeated_twice, mode=m.padding_mode), lay, x.meta)
         padding = 0
     return conv(ctx, x, w, b, m.stride, padding, m.dilation, m.groups, nd)
 
 
 @register_rule(*_CONV_FNS, by_name=True)
-def fuse_conv(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_conv(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     nd = _CONV_FNS[node.target]
     x, w = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight")
     b = arg(args, kwargs, 2, "bias")
     a = [arg(args, kwargs, 3, "stride", 1), arg(args, kwargs, 4, "padding", 0), arg(args, kwargs, 5, "dilation", 1)]
     groups = const(arg(args, kwargs, 6, "groups", 1))
-    return conv(ctx, x, w, b if isinstance(b, V) else None, *a, groups, nd)
+    return conv(ctx, x, w, b if isinstance(b, Value) else None, *a, groups, nd)
 
 
-def conv_transpose(ctx, x: V, w: V, b, stride, padding, output_padding, groups: int, dilation, nd: int) -> V:
+def conv_transpose(ctx, x: Value, w: Value, b, stride, padding, output_padding, groups: int, dilation,
+                   nd: int) -> Value:
     ch = x.rank - nd - 1
     if ch not in (0, 1):
         raise Decline(f"conv_transpose{nd}d expects a {nd + 1}D or {nd + 2}D per-model input, got {x.rank}D")
     if not w.per_model:
         mb = b if b is not None and b.per_model else None
         ctx.record(f"conv_transpose{nd}d", "one transposed conv (weight shared by all models), N folded into the batch")
-        y = ctx.call(lowering.shared_weight_conv, ctx.stacked(x, 0), nd, True, w, None if mb is not None else b,
+        y = ctx.call(runtime.conv.shared_weight_conv, ctx.stacked(x, 0), nd, True, w, None if mb is not None else b,
                      stride, padding, output_padding, groups, dilation, model_bias=mb)
-        return ctx.out(y, S(0))
+        return ctx.out(y, Stacked(0))
     if b is not None and not b.per_model:
         b = ctx.stacked(b, 0)
     xf = ctx.folded(x, ch)
     ctx.record(f"conv_transpose{nd}d", "grouped transposed conv (groups = N*g)")
-    y = ctx.call(lowering.stacked_conv_transpose, xf, w, b, stride, padding, output_padding, groups * ctx.n,
+    y = ctx.call(runtime.conv.stacked_conv_transpose, xf, w, b, stride, padding, output_padding, groups * ctx.n,
                  dilation, nd)
-    return ctx.out(y, Fo(ch))
+    return ctx.out(y, Folded(ch))
 
 
 @register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-def fuse_conv_transpose_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_conv_transpose_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     m = ctx.module(node)
     x = arg(args, kwargs, 0, "input")
     nd = len(m.kernel_size)
@@ -117,7 +118,7 @@ def fuse_conv_transpose_module(ctx, node: fx.Node, args: tuple, kwargs: dict) ->
 
 
 @register_rule(*_CONVT_FNS, by_name=True)
-def fuse_conv_transpose(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_conv_transpose(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     nd = _CONVT_FNS[node.target]
     x, w = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight")
     b = arg(args, kwargs, 2, "bias")
@@ -125,5 +126,5 @@ def fuse_conv_transpose(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
          arg(args, kwargs, 5, "output_padding", 0)]
     groups = const(arg(args, kwargs, 6, "groups", 1))
     dil = arg(args, kwargs, 7, "dilation", 1)
-    return conv_transpose(ctx, x, w, b if isinstance(b, V) else None, *a, groups, dil, nd)
+    return conv_transpose(ctx, x, w, b if isinstance(b, Value) else None, *a, groups, dil, nd)
 

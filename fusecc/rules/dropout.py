@@ -12,14 +12,14 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..lower import V
+from ..values import Value
 from .registry import Decline, arg, const, register_rule
 
 _FEATURE = {nn.Dropout1d: 1, nn.Dropout2d: 2, nn.Dropout3d: 3, nn.FeatureAlphaDropout: None}
 _FEATURE_FNS = {F.dropout1d: 1, F.dropout2d: 2, F.dropout3d: 3, F.feature_alpha_dropout: None}
 
 
-def dropout(ctx, fn, x: V, p: float, training: bool, inplace: bool, nd) -> V:
+def dropout(ctx, fn, x: Value, p: float, training: bool, inplace: bool, nd) -> Value:
     if not training or p == 0:
         ctx.record("dropout", "identity (eval)")
         return ctx.out(x.node, x.layout)
@@ -37,15 +37,16 @@ def dropout(ctx, fn, x: V, p: float, training: bool, inplace: bool, nd) -> V:
 
 
 @register_rule(nn.Dropout, nn.AlphaDropout, *_FEATURE)
-def fuse_dropout_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_dropout_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     m = ctx.module(node)
     fn = {nn.Dropout: F.dropout, nn.AlphaDropout: F.alpha_dropout, nn.Dropout1d: F.dropout1d,
-          nn.Dropout2d: F.dropout2d, nn.Dropout3d: F.dropout3d, nn.FeatureAlphaDropout: F.feature_alpha_dropout}[type(m)]
+          nn.Dropout2d: F.dropout2d, nn.Dropout3d: F.dropout3d,
+          nn.FeatureAlphaDropout: F.feature_alpha_dropout}[type(m)]
     return dropout(ctx, fn, args[0], m.p, m.training, m.inplace, _FEATURE.get(type(m)))
 
 
 @register_rule(F.dropout, F.alpha_dropout, *_FEATURE_FNS, on_shared=True, by_name=True)
-def fuse_dropout(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_dropout(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     x = args[0]
     p = const(arg(args, kwargs, 1, "p", 0.5))
     training = const(arg(args, kwargs, 2, "training", True))

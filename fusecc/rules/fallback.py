@@ -8,36 +8,47 @@ the module so the user knows what did not fuse.
 from __future__ import annotations
 
 import copy
+import warnings
 
+import torch
 import torch.fx as fx
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from .. import lowering
+from .. import runtime
 from ..errors import FusionError
-from ..lower import S, V, has_model
-from .registry import warn_fallback
+from ..values import Stacked, Value, has_model_dim
+from .registry import registered_summary
 
 
-def loop(ctx, node: fx.Node, args: tuple, kwargs: dict, reason: str) -> V:
+def warn_fallback(qualname: str, typename: str, reason: str) -> None:
+    warnings.warn(
+        f"fusecc: module '{qualname}' ({typename}) is not fused: {reason}; it runs as a loop over the N models "
+        "(correct, but slower)",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def loop(ctx, node: fx.Node, args: tuple, kwargs: dict, reason: str) -> Value:
     mod = ctx.module(node)
     qual = node.target
     own = list(mod.named_parameters()) + list(mod.named_buffers())
-    if not own and not any(isinstance(a, V) and a.per_model for a in list(args) + list(kwargs.values())):
+    if not own and not any(isinstance(a, Value) and a.per_model for a in list(args) + list(kwargs.values())):
         # no weights and nothing per-model in: one call serves every model
         return ctx.out(ctx.emit_like(node, args, kwargs), None)
 
     def prep(a):
-        if isinstance(a, V):
+        if isinstance(a, Value):
             if a.is_tensor:
                 return (ctx.stacked(a, 0), True) if a.per_model else (a, False)
-            if has_model(a.layout):
+            if has_model_dim(a.layout):
                 raise ctx.error(f"module '{qual}' takes a container of per-model tensors, which the fallback loop "
                                 "cannot slice; pass the tensors as separate arguments")
             return a, False
         if isinstance(a, (tuple, list, dict)):
             found = []
-            fx.node.map_aggregate(a, lambda x: found.append(x) if isinstance(x, V) and x.per_model else None)
+            fx.node.map_aggregate(a, lambda x: found.append(x) if isinstance(x, Value) and x.per_model else None)
             if found:
                 raise ctx.error(f"module '{qual}' takes a container of per-model tensors, which the fallback loop "
                                 "cannot slice; pass the tensors as separate arguments")
@@ -52,19 +63,21 @@ def loop(ctx, node: fx.Node, args: tuple, kwargs: dict, reason: str) -> V:
         if v is None:
             raise FusionError(f"fusecc: module '{qual}': tensor '{n}' is not a parameter or buffer of the models")
         stacked.append(v)
-    templates = ctx.fused._fusecc_templates
-    if qual not in templates:
-        templates[qual] = copy.deepcopy(mod)
+    if qual not in ctx.templates:  # the fused module adds it to its _fusecc_templates with the compiled forward
+        ctx.templates[qual] = copy.deepcopy(mod)
     tmpl = ctx.call(lambda_getitem, ctx.get_attr("_fusecc_templates"), qual)
+    if ctx.fleet.strict:
+        raise ctx.error(f"module '{qual}' ({type(mod).__name__}) is not fused: {reason}. fuse(..., strict=True) "
+                        "refuses to run it as a loop over the N models; without strict=True it does (with a warning)")
     warn_fallback(qual, type(mod).__name__, reason)
     ctx.report.fallbacks.append((qual, type(mod).__name__, reason))
     ctx.record("fallback", "loop over the N models")
     y = ctx.call(
-        lowering.loop_module, tmpl, names, stacked, [a for a, _ in pa], [p for _, p in pa],
+        runtime.loop.loop_module, tmpl, names, stacked, [a for a, _ in pa], [p for _, p in pa],
         {k: a for k, (a, _) in pk.items()}, {k: p for k, (_, p) in pk.items()}, ctx.n,
     )
     meta = node.meta.get("fusecc_pm")
-    layout = tree_map(lambda m: S(0) if isinstance(m, Tensor) else None, meta)
+    layout = tree_map(lambda m: Stacked(0) if isinstance(m, Tensor) else None, meta)
     return ctx.out(y, layout)
 
 
@@ -73,25 +86,23 @@ def lambda_getitem(d: dict, key: str):
     return d[key]
 
 
-def vmap(ctx, node: fx.Node, args: tuple, kwargs: dict, kind: str, warn_reason: str | None) -> V:
+def vmap(ctx, node: fx.Node, args: tuple, kwargs: dict, kind: str, warn_reason: str | None) -> Value:
     """Run a function per model under ``torch.vmap`` over the model dim, checked now on meta tensors.
 
     Used as the lowering of per-model indexing, and as the fallback of functions with no rule (then with a
     warning). If vmap cannot run the function (data-dependent output shapes, randomness), the compile fails with
     vmap's reason.
     """
-    import torch
-
     n = ctx.n
 
     def prep(a):
         """(fused-graph argument, in_dim, meta stand-in) for one (possibly nested) argument."""
-        if isinstance(a, V):
+        if isinstance(a, Value):
             if a.is_tensor and a.per_model:
                 s = ctx.stacked(a, 0)
                 meta = torch.empty((n,) + tuple(a.meta.shape), dtype=a.meta.dtype, device="meta")
                 return s, 0, meta
-            if has_model(a.layout):
+            if has_model_dim(a.layout):
                 raise ctx.error("a container of per-model values cannot be passed through torch.vmap")
             return a, None, a.meta
         if isinstance(a, (tuple, list)):
@@ -116,8 +127,6 @@ def vmap(ctx, node: fx.Node, args: tuple, kwargs: dict, kind: str, warn_reason: 
         out = torch.vmap(lambda *a: fn(*a[:len(a) - k], **dict(zip(kw_names, a[len(a) - k:]))),
                          in_dims=in_dims)(*metas)
     except Exception as e:  # noqa: BLE001 - any failure means: no safe way to run it per model
-        from .registry import registered_summary
-
         raise ctx.error(
             f"no rule registered for this op on per-model values, and torch.vmap cannot run it per model "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Wrap the code in a submodule and "
@@ -129,13 +138,14 @@ def vmap(ctx, node: fx.Node, args: tuple, kwargs: dict, kind: str, warn_reason: 
     want = tree_map(lambda t: tuple(t.shape) if isinstance(t, Tensor) else None, meta)
     if got != want:
         raise ctx.error(f"torch.vmap gives per-model shapes {got}, the model gives {want}")
+    if warn_reason is not None and ctx.fleet.strict:
+        raise ctx.error(f"no rule registered for this op ({warn_reason}); fuse(..., strict=True) refuses to run it "
+                        "under torch.vmap over the model dim; without strict=True it does (with a warning)")
     if warn_reason is not None:
-        import warnings
-
         where = f"node '{node.name}'"
         warnings.warn(f"fusecc: {where} ({node.target}) has no rule ({warn_reason}); it runs under torch.vmap over "
                       "the model dim", UserWarning, stacklevel=4)
         ctx.report.fallbacks.append((node.name, str(getattr(node.target, "__name__", node.target)), "torch.vmap"))
     ctx.record(kind, "torch.vmap over the model dim")
-    y = ctx.call(lowering.vmap_call, lowering.vmap_key(fn), in_dims, fargs, kw_names)
-    return ctx.out(y, tree_map(lambda m: S(0) if isinstance(m, Tensor) else None, meta))
+    y = ctx.call(runtime.loop.vmap_call, runtime.loop.vmap_key(fn), in_dims, fargs, kw_names)
+    return ctx.out(y, tree_map(lambda m: Stacked(0) if isinstance(m, Tensor) else None, meta))

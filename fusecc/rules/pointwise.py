@@ -13,8 +13,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import lowering
-from ..lower import S, V
+from .. import runtime
+from ..values import Stacked, Value
 from .registry import Decline, arg, register_rule
 
 _OPERATORS = [
@@ -77,18 +77,18 @@ def _is_inplace(node: fx.Node, kwargs: dict) -> bool:
 
 
 @register_rule(*ELEMENTWISE_FUNCTIONS, *ELEMENTWISE_METHODS)
-def fuse_elementwise(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_elementwise(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     """Any element-wise op: operands to one layout, then the same op; an in-place op keeps its target."""
     keys = list(kwargs)
     conv, layout = ctx.broadcast_operands(list(args) + [kwargs[k] for k in keys])
     new_args, new_kwargs = tuple(conv[: len(args)]), dict(zip(keys, conv[len(args):]))
     inplace = _is_inplace(node, kwargs)
     self_v = args[0] if args else None
-    if inplace and isinstance(self_v, V) and not self_v.per_model:
+    if inplace and isinstance(self_v, Value) and not self_v.per_model:
         # a shared tensor cannot hold per-model results in place: compute out of place instead, in the dtype the
         # in-place op keeps (x.lt_(y) stays float where x.lt(y) is bool)
         if node.op == "call_method" and node.target in ("copy_", "fill_"):  # x.copy_(y_per_model): y, as x holds it
-            new = ctx.call(lowering.broadcast_copy, new_args[0], new_args[1])
+            new = ctx.call(runtime.shape.broadcast_copy, new_args[0], new_args[1])
         elif node.op == "call_method":
             new = ctx.method(node.target[:-1], *new_args, **new_kwargs)
         else:
@@ -98,14 +98,14 @@ def fuse_elementwise(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
             new = ctx.method("to", new, self_v.meta.dtype)
     else:
         new = ctx.emit_like(node, new_args, new_kwargs)
-    if inplace and isinstance(self_v, V) and self_v.per_model:
+    if inplace and isinstance(self_v, Value) and self_v.per_model:
         return ctx.out(self_v.node if layout != self_v.layout else new, self_v.layout)
     new, layout = ctx.finish_broadcast(new, layout)
     return ctx.out(new, layout)
 
 
 @register_rule(*ELEMENTWISE_MODULES)
-def fuse_activation_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_activation_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     """A parameter-free element-wise module: call it on the fused tensor as it is (its layout is kept)."""
     x = args[0]
     ctx.record(type(ctx.module(node)).__name__.lower(), "element-wise on the fused tensor")
@@ -113,7 +113,7 @@ def fuse_activation_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
 
 
 @register_rule(nn.RReLU)
-def fuse_rrelu_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_rrelu_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     """RReLU draws random slopes in training: a shared input gets a model dim so each model draws its own."""
     x = args[0]
     if ctx.module(node).training and not x.per_model:
@@ -123,15 +123,15 @@ def fuse_rrelu_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
 
 
 @register_rule(torch.masked_fill, "masked_fill", "masked_fill_")
-def fuse_masked_fill(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_masked_fill(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     """masked_fill of a per-model tensor by a shared fill value is an element-wise op of x and the mask. With a
     per-model fill value (a 0-dim tensor per model, stacked ``[N]``), or a shared x under a per-model mask (x must then
     broadcast to the mask's shape, which masked_fill does not do), it is ``where(mask, value, x)`` in x's dtype."""
     x, mask, value = args[0], arg(args, kwargs, 1, "mask"), arg(args, kwargs, 2, "value")
-    value_pm = isinstance(value, V) and value.is_tensor and value.per_model
+    value_pm = isinstance(value, Value) and value.is_tensor and value.per_model
     if not value_pm and x.per_model:
         return fuse_elementwise(ctx, node, args, kwargs)
-    if isinstance(value, V) and value.is_tensor and value.rank != 0:
+    if isinstance(value, Value) and value.is_tensor and value.rank != 0:
         raise Decline(f"masked_fill takes a 0-dim fill value, got a tensor of rank {value.rank}")
     (xv, mv, vv), lay = ctx.broadcast_operands([x, mask, value])
     new = ctx.method("to", ctx.call(torch.where, mv, vv, xv), x.meta.dtype)
@@ -148,11 +148,11 @@ _MEMORY_FORMAT_RANK = {torch.channels_last: 4, torch.channels_last_3d: 5}
 @register_rule("type_as", "to", "float", "half", "double", "bfloat16", "long", "int", "bool", "short", "byte",
                "char", "detach", "detach_", "clone", "contiguous", "requires_grad_", "cpu", "cuda", "type",
                torch.clone, torch.detach)
-def fuse_unary_keep(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_unary_keep(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     """Dtype/device/memory ops: applied to the fused tensor as it is; other tensor arguments (``x.to(y)``,
     ``x.type_as(y)``) only lend their dtype/device."""
     x = args[0]
-    if not (isinstance(x, V) and x.per_model):
+    if not (isinstance(x, Value) and x.per_model):
         return ctx.out(ctx.emit_like(node, args, kwargs), None)
     rank = _MEMORY_FORMAT_RANK.get(kwargs.get("memory_format"))
     if rank is not None and x.is_tensor and x.rank == rank:
@@ -163,23 +163,23 @@ def fuse_unary_keep(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
 
 
 @register_rule("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor")
-def fuse_new_tensor(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_new_tensor(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     """``x.new_*(size)``: x only lends dtype and device; the size is given, so the result is shared."""
     return ctx.out(ctx.emit_like(node, args, kwargs), None)
 
 
 @register_rule(nn.PReLU)
-def fuse_prelu_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_prelu_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     """PReLU: per-model weight [N, P] (P = 1 or C) on the channel dim of a folded input."""
     return _prelu(ctx, args[0], ctx.mod_tensor(node, "weight"))
 
 
 @register_rule(F.prelu, torch.prelu, "prelu", by_name=True)
-def fuse_prelu(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_prelu(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     return _prelu(ctx, args[0], arg(args, kwargs, 1, "weight"))
 
 
-def _prelu(ctx, x: V, w: V) -> V:
+def _prelu(ctx, x: Value, w: Value) -> Value:
     """F.prelu reads its weight along dim 1 (dim 0 for 1-D input): fold the model dim into that dim."""
     p = w.meta.numel()
     if not w.per_model and p == 1:  # one shared slope: element-wise on any layout
@@ -188,7 +188,9 @@ def _prelu(ctx, x: V, w: V) -> V:
     if x.rank < 2:  # no channel dim: one slope per model (torch requires a single one), element-wise
         if p != 1:
             raise Decline(f"prelu of a {x.rank}-d input takes a single slope, got {p}")
-        w0 = V(ctx.method("reshape", ctx.stacked(w, 0), ctx.n), S(0), w.meta.reshape(())) if w.per_model else w
+        w0 = w
+        if w.per_model:  # one slope per model: a per-model 0-dim value [N]
+            w0 = Value(ctx.method("reshape", ctx.stacked(w, 0), ctx.n), Stacked(0), w.meta.reshape(()))
         (xv, wv), lay = ctx.broadcast_operands([x, w0])
         neg = ctx.call(operator.mul, xv, wv)
         new, lay = ctx.finish_broadcast(ctx.call(torch.where, ctx.call(operator.ge, xv, 0), xv, neg), lay)

@@ -7,7 +7,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..lower import V
+from ..values import Value
 from .registry import Decline, arg, const, register_rule
 
 _POOL_MODULES = {
@@ -32,7 +32,7 @@ _POOL_FNS = {
 }
 
 
-def spatial(ctx, node: fx.Node, args: tuple, kwargs: dict, nd: int | None, kind: str) -> V:
+def spatial(ctx, node: fx.Node, args: tuple, kwargs: dict, nd: int | None, kind: str) -> Value:
     x = args[0]
     if nd is None:  # interpolate: every dim after (batch, channel)
         nd = x.rank - 2 if x.rank >= 3 else x.rank - 1
@@ -48,7 +48,7 @@ def spatial(ctx, node: fx.Node, args: tuple, kwargs: dict, nd: int | None, kind:
 
 
 @register_rule(*_POOL_MODULES)
-def fuse_spatial_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_spatial_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     m = ctx.module(node)
     if not args[0].per_model:
         return ctx.out(ctx.emit_like(node, args, kwargs), None)
@@ -61,18 +61,18 @@ def fuse_spatial_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
 
 
 @register_rule(*_POOL_FNS)
-def fuse_spatial_fn(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_spatial_fn(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     return spatial(ctx, node, args, kwargs, _POOL_FNS[node.target], node.target.__name__)
 
 
-def _pad(ctx, node: fx.Node, x: V, pad, mode: str) -> V:
+def _pad(ctx, node: fx.Node, x: Value, pad, mode: str) -> Value:
     """Padding by a module (constant: the module itself) or by F.pad with a non-constant mode."""
     pad = const(pad)
     k = len(pad) // 2
     r = x.rank
     if mode == "constant":
         # the model dim must lie outside the last k dims
-        if x.layout.kind == "F" and x.layout.dim < r - k or x.layout.kind == "S" and x.layout.dim <= r - k:
+        if x.layout.folded and x.layout.dim < r - k or x.layout.stacked and x.layout.dim <= r - k:
             xs = x
         else:
             xs = ctx.stacked(x, 0)
@@ -87,14 +87,14 @@ def _pad(ctx, node: fx.Node, x: V, pad, mode: str) -> V:
 
 
 @register_rule(F.pad, by_name=True)
-def fuse_pad(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_pad(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     x, pad = args[0], arg(args, kwargs, 1, "pad")
     mode = const(arg(args, kwargs, 2, "mode", "constant"))
     value = arg(args, kwargs, 3, "value", None)
     if mode == "constant":
         r = x.rank
         k = len(const(pad)) // 2
-        if x.layout.kind == "F" and x.layout.dim < r - k or x.layout.kind == "S" and x.layout.dim <= r - k:
+        if x.layout.folded and x.layout.dim < r - k or x.layout.stacked and x.layout.dim <= r - k:
             xs = x
         else:
             xs = ctx.stacked(x, 0)

@@ -10,7 +10,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..lower import S, V, norm_dim
+from ..values import Stacked, Value, norm_dim
+from .pointwise import fuse_elementwise
 from .registry import Decline, arg, const, register_rule, set_arg
 from .shape import free_of, layout_after_removal
 
@@ -45,13 +46,11 @@ def _name(node: fx.Node) -> str:
 
 @register_rule(*[getattr(torch, n) for n in _REDUCTIONS if hasattr(torch, n)],
                *[n for n in _REDUCTIONS if hasattr(torch.Tensor, n)], by_name=True, rank0=True)
-def fuse_reduction(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_reduction(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     name = _name(node)
     x = args[0]
     other = arg(args, kwargs, 1, "other")
-    if name in ("max", "min") and isinstance(other, V) and other.is_tensor:
-        from .pointwise import fuse_elementwise
-
+    if name in ("max", "min") and isinstance(other, Value) and other.is_tensor:
         return fuse_elementwise(ctx, node, args, kwargs)
     dpos, kpos = _REDUCTIONS[name]
     if name == "aminmax":
@@ -60,7 +59,7 @@ def fuse_reduction(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
         if dim is not None:  # keyword-only dim
             p = norm_dim(const(dim), x.rank)
             x = free_of(ctx, x, [p])
-            k = dict(kwargs, dim=ctx.tdim(x, p))
+            k = dict(kwargs, dim=ctx.tensor_dim(x, p))
             new = ctx.emit_like(node, (x,), k)
             lay = x.layout if keepdim else layout_after_removal(x.layout, [p])
             ctx.record("reduction", "along a per-model dim of the fused tensor")
@@ -82,12 +81,12 @@ def fuse_reduction(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
                 new = ctx.call(__import__("operator").getitem, new, 0)
             elif name == "aminmax":
                 new = ctx.call(torch.aminmax, flat, dim=1)
-                return ctx.out(new, (S(0), S(0)))
+                return ctx.out(new, (Stacked(0), Stacked(0)))
             else:
                 new = ctx.call(getattr(torch, name), flat, 1)
             if keepdim:
                 new = ctx.method("reshape", new, [ctx.n] + [1] * x.rank)
-            return ctx.out(new, S(0))
+            return ctx.out(new, Stacked(0))
         xs = ctx.stacked(x)
         d = xs.layout.dim
         tdims = [p for p in range(x.rank + 1) if p != d]
@@ -95,10 +94,10 @@ def fuse_reduction(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
         a = (xs,) + tuple(a[1:])
         new = ctx.emit_like(node, a, k)
         ctx.record("reduction", "over every per-model dim")
-        return ctx.out(new, _tuple_like(ctx, S(d) if keepdim else S(0)))
+        return ctx.out(new, _tuple_like(ctx, Stacked(d) if keepdim else Stacked(0)))
     dims = _dims(dim, x.rank)
     x = free_of(ctx, x, dims)
-    td = [ctx.tdim(x, p) for p in dims]
+    td = [ctx.tensor_dim(x, p) for p in dims]
     a, k = set_arg(args, kwargs, dpos, "dim", td[0] if isinstance(const(dim), int) else td)
     a = (x,) + tuple(a[1:])
     new = ctx.emit_like(node, a, k)
@@ -129,7 +128,7 @@ _DIMWISE = {
     "softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin", "sort", "argsort", "topk",
     "flip", "roll", "diff", "cumsum_", by_name=True, rank0=True,
 )
-def fuse_dimwise(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_dimwise(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     name = _name(node).rstrip("_")
     x = args[0]
     pos, kw, default = _DIMWISE[name]
@@ -141,7 +140,7 @@ def fuse_dimwise(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
         flat = ctx.method("reshape", xs, ctx.n, -1)
         rolled = ctx.call(torch.roll, flat, arg(args, kwargs, 1, "shifts"), 1)
         ctx.record("roll", "over each model's flattened tensor")
-        return ctx.out(ctx.method("reshape", rolled, [ctx.n] + list(x.meta.shape)), S(0))
+        return ctx.out(ctx.method("reshape", rolled, [ctx.n] + list(x.meta.shape)), Stacked(0))
     if dim is None:
         if name in ("softmax", "log_softmax", "softmin"):
             dim = _softmax_dim(name, x.rank)
@@ -151,7 +150,7 @@ def fuse_dimwise(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
         return _diff(ctx, node, args, kwargs, norm_dim(const(dim), x.rank))
     dims = _dims(dim, x.rank)
     x = free_of(ctx, x, dims)
-    td = [ctx.tdim(x, p) for p in dims]
+    td = [ctx.tensor_dim(x, p) for p in dims]
     # flip/roll take a list of dims (by keyword, an int is not accepted)
     a, k = set_arg(args, kwargs, pos, kw, td[0] if isinstance(const(dim), int) and kw == "dim" else td)
     new = ctx.emit_like(node, (x,) + tuple(a[1:]), k)
@@ -159,7 +158,7 @@ def fuse_dimwise(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     return ctx.out(new, _tuple_like(ctx, x.layout))
 
 
-def _diff(ctx, node: fx.Node, args: tuple, kwargs: dict, p: int) -> V:
+def _diff(ctx, node: fx.Node, args: tuple, kwargs: dict, p: int) -> Value:
     """diff(x, n, dim, prepend, append): x and the tensors it is concatenated with, in one stacked layout (a shared
     one broadcast to every model), then diff along the mapped dim."""
     x = args[0]
@@ -168,21 +167,21 @@ def _diff(ctx, node: fx.Node, args: tuple, kwargs: dict, p: int) -> V:
     xs = ctx.stacked(x, 0)
     extra = {}
     for name, t in (("prepend", pre), ("append", app)):
-        if isinstance(t, V) and t.is_tensor:
+        if isinstance(t, Value) and t.is_tensor:
             if t.rank != x.rank:  # a 0-dim prepend/append is broadcast along dim by torch: give it x's other sizes
                 raise Decline(f"diff with a {name} of rank {t.rank} on a per-model input of rank {x.rank}")
             extra[name] = ctx.stacked(t, 0)
         elif t is not None:
             extra[name] = t
     ctx.record("diff", "along a per-model dim of the fused tensor")
-    return ctx.out(ctx.call(torch.diff, xs, n, p + 1, **extra), S(0))
+    return ctx.out(ctx.call(torch.diff, xs, n, p + 1, **extra), Stacked(0))
 
 
 _DIM_MODULES = {nn.Softmax: F.softmax, nn.LogSoftmax: F.log_softmax, nn.Softmin: F.softmin, nn.GLU: F.glu}
 
 
 @register_rule(torch.renorm, "renorm", "renorm_", by_name=True)
-def fuse_renorm(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_renorm(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     """renorm(x, p, dim, maxnorm) rescales each slice ``x.select(dim, i)`` whose p-norm over ALL its other dims exceeds
     maxnorm. On the fused tensor those other dims would include the model dim, so the models' slices are made rows of
     their own: ``[N, D, rest]`` viewed as ``[N*D, rest]``, renormed along dim 0, and put back."""
@@ -198,12 +197,12 @@ def fuse_renorm(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     y = ctx.call(torch.movedim, ctx.method("reshape", normed, shape), 1, p + 1)
     ctx.record("renorm", "per model, slices as rows")
     if node.op == "call_method" and node.target == "renorm_":
-        return ctx.out(ctx.method("copy_", xs, y), S(0))
-    return ctx.out(y, S(0))
+        return ctx.out(ctx.method("copy_", xs, y), Stacked(0))
+    return ctx.out(y, Stacked(0))
 
 
 @register_rule(nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.GLU, nn.Softmax2d, rank0=True)
-def fuse_dim_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
+def fuse_dim_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     m = ctx.module(node)
     x = args[0]
     if not x.per_model:
@@ -218,4 +217,4 @@ def fuse_dim_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> V:
     p = norm_dim(dim, x.rank)
     x = free_of(ctx, x, [p])
     ctx.record(type(m).__name__.lower(), "along a per-model dim of the fused tensor")
-    return ctx.out(ctx.call(fn, x, ctx.tdim(x, p)), x.layout)
+    return ctx.out(ctx.call(fn, x, ctx.tensor_dim(x, p)), x.layout)

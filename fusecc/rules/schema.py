@@ -23,9 +23,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 from torch import Tensor
+from torch._jit_internal import boolean_dispatched
 from torch.fx.operator_schemas import _torchscript_schema_to_signature, create_type_hint, type_matches
+from torch.jit._builtins import _find_builtin
 
-from ..lower import V
+from ..values import Value
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,8 +49,6 @@ def _aten_signatures(name: str) -> Tuple[inspect.Signature, ...]:
 
 def _builtin_name(target: Any) -> Optional[str]:
     try:
-        from torch.jit._builtins import _find_builtin
-
         name = _find_builtin(target)
     except Exception:  # noqa: BLE001
         return None
@@ -74,8 +74,6 @@ def _function_signatures_cached(target: Any) -> Tuple[inspect.Signature, ...]:
     if isinstance(target, types.BuiltinFunctionType) or isinstance(target, torch._ops.OpOverloadPacket):
         name = _builtin_name(target)
         return _aten_signatures(name) if name else ()
-    from torch._jit_internal import boolean_dispatched
-
     fn = target
     if fn in boolean_dispatched:  # F.max_pool2d and friends: both branches have one signature
         d = boolean_dispatched[fn]
@@ -90,7 +88,7 @@ def _function_signatures_cached(target: Any) -> Tuple[inspect.Signature, ...]:
 
 def _type_of(a: Any) -> Any:
     """The argument type an overload is matched on (what torch's argument parser would see)."""
-    if isinstance(a, V):
+    if isinstance(a, Value):
         m = a.meta
         if isinstance(m, Tensor):
             return Tensor
@@ -128,7 +126,7 @@ def _types_match_quiet(sig: inspect.Signature, bound: inspect.BoundArguments) ->
         if ann is inspect.Parameter.empty or ann is Any:
             continue
         t = _type_of(value)
-        if value is None or (isinstance(value, V) and value.meta is None):
+        if value is None or (isinstance(value, Value) and value.meta is None):
             if type_matches(ann, type(None)):
                 continue
             return False

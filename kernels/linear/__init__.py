@@ -79,6 +79,25 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act
     return y if flat else y.reshape((n,) + tuple(x.shape[1:-1]) + (m,))
 
 
+def batched_linear_out(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, *,
+                       backend: Optional[str] = None) -> Tensor:
+    """:func:`batched_linear` written into ``out``, for calls nothing differentiates (no autograd through ``out``).
+
+    ``out`` ``[N, R, M]`` may have any strides with a contiguous last dim: a caller writes the GEMM straight into its
+    final layout (a transposed view of a channels-last conv output, say) instead of copying it there afterwards.
+    x is ``[N, R, K]``, weight ``[N, M, K]``, bias ``[N, M]`` or None. The backend picks, as for every kernel call:
+    Triton (then one copy into ``out``), fusecc's CPU small-batch kernel where it applies, else ``bmm``/``baddbmm``
+    with ``out=``.
+    """
+    _check("batched_linear_out", x, weight, bias, "none", True)
+    backend = _backend.resolve(backend, "batched_linear_out")
+    if _backend.use_triton([x, weight, bias], backend, "batched_linear_out"):
+        return out.copy_(_apply(x, weight, bias, "none", False, False))
+    if cpu.applies(x, weight, bias, backend):
+        return cpu.small_gemm(x, weight, bias, out=out)
+    return reference.batched_linear_out(x, weight, bias, out)
+
+
 def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: str = "none", *,
                 backend: Optional[str] = None) -> Tensor:
     """Per-model linear on ONE input shared by all models, read once.

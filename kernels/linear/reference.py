@@ -72,6 +72,14 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str =
     return activation_(z, act)
 
 
+def batched_linear_out(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
+    """``x[n] @ weight[n]^T + bias[n]`` into ``out`` ``[N, R, M]`` (any strides), with no autograd."""
+    wt = weight.transpose(1, 2)
+    if bias is None:
+        return torch.bmm(x, wt, out=out)
+    return torch.baddbmm(bias.unsqueeze(1), x, wt, out=out)
+
+
 def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "none") -> Tensor:
     """Shared input: x ``[R, K]`` -> ``[R, N*M]`` (model-major), ONE GEMM with the N weights concatenated."""
     return activation_(F.linear(x, weight.flatten(0, 1), None if bias is None else bias.reshape(-1)), act)

@@ -166,7 +166,7 @@ def test_not_while_tracing():
 def test_conv_on_small_maps_runs_kernel():
     """resnet18's deep layers: a 3x3 conv on a 2x2 map (2 x 2 live taps) and a 1x1 conv, through the GEMM
     lowering into channels-last output."""
-    from fusecc import lowering
+    from fusecc import runtime
 
     n, b = 3, 4
     x = torch.randn(b, n * 16, 2, 2)
@@ -175,11 +175,11 @@ def test_conv_on_small_maps_runs_kernel():
     with torch.no_grad():
         for stride, pad in [(1, 1), (2, 1)]:
             ref = torch.nn.functional.conv2d(x, w.reshape(n * 24, 16, 3, 3), bias.reshape(-1), stride, pad, 1, n)
-            y, ran = _runs_kernel(lambda: lowering.conv_gemm(x, w, bias, stride, pad, 1, n))
+            y, ran = _runs_kernel(lambda: runtime.conv.conv_gemm(x, w, bias, stride, pad, 1, n))
             assert ran == 1, (stride, pad)
             assert_close(f"conv s{stride}", y, ref, torch.float32)
         w1 = torch.randn(n, 24, 16, 1, 1)
-        y, ran = _runs_kernel(lambda: lowering.conv_gemm(x, w1, None, 1, 0, 1, n))
+        y, ran = _runs_kernel(lambda: runtime.conv.conv_gemm(x, w1, None, 1, 0, 1, n))
         assert ran == 1
         assert_close("conv 1x1", y, torch.nn.functional.conv2d(x, w1.reshape(n * 24, 16, 1, 1), None, 1, 0, 1, n),
                      torch.float32)

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torchvision
 
 import fusecc
+import fusecc.rewrite
 from fusecc.kernels import _backend, use_backend
 
 from ..utils import make_models, run_each
@@ -86,7 +87,7 @@ def test_resnet18_kernels(monkeypatch):
 @pytest.mark.interpreter
 def test_report_names_the_kernels_on_cuda(monkeypatch):
     """On CUDA parameters the report says which fused ops run a Triton kernel (simulated here: no GPU)."""
-    monkeypatch.setattr(fusecc.lower.Lowerer, "triton", property(lambda self: True))
+    monkeypatch.setattr(fusecc.rewrite.Rewriter, "triton", property(lambda self: True))
 
     class Net(nn.Module):
         def __init__(self):

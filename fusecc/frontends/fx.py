@@ -1,4 +1,10 @@
-"""Trace one model with torch.fx and propagate per-model shapes through its graph."""
+"""The torch.fx frontend: one model traced symbolically into a graph (fusecc's first frontend).
+
+Symbolic tracing runs ``forward`` on proxies: Python control flow must not depend on tensor values, and every
+parameter, buffer and tensor attribute becomes a graph value (so that each model's own weights flow through the
+fused graph). Modules listed in ``leaf_modules`` stay opaque calls; ``nn.TransformerEncoder(Layer)`` is traced
+through its own slow path, which torch.fx can read.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import FusionError
-from .lower import to_meta
+from ..errors import FusionError
 
 
 def _encoder_layer_forward(self: nn.TransformerEncoderLayer, src: torch.Tensor, src_mask: Any = None,
@@ -84,7 +89,7 @@ def _user_frame(exc: BaseException) -> str:
     return "<unknown>"
 
 
-def trace(
+def capture(
     model: nn.Module, concrete_args: Dict[str, Any], leaf_modules: Sequence[Any], stack_traces: bool = False
 ) -> fx.GraphModule:
     types = tuple(t for t in leaf_modules if isinstance(t, type))
@@ -132,43 +137,3 @@ def _restore_attributes(done: List[Tuple[nn.Module, str, torch.Tensor]]) -> None
         del mod._buffers[k]
         mod._non_persistent_buffers_set.discard(k)
         mod.__dict__[k] = v
-
-
-class _ShapeProp(fx.Interpreter):
-    def run_node(self, n: fx.Node) -> Any:
-        try:
-            result = super().run_node(n)
-        except Exception as e:
-            from .lower import source_line
-
-            line = source_line(n)
-            raise ValueError(
-                f"fusecc: running the model on one model's slice of the input failed at node '{n.name}' "
-                f"({n.op} {n.target}): {type(e).__name__}: {e}" + (f"\n  at {line}" if line else "")
-                + "\n  check the input shapes: every tensor argument needs a leading model dim of size N "
-                "(or pass shared_inputs=True)"
-            ) from e
-        n.meta["fusecc_pm"] = to_meta(result)
-        return result
-
-
-def shape_prop(gm: fx.GraphModule, example_args: Sequence[Any]) -> None:
-    """Run the graph on one model's example inputs; store every node's per-model value (as meta tensors).
-
-    It runs under FakeTensorMode (shapes and dtypes only, no compute: seconds saved on conv nets); an op that fake
-    tensors cannot run falls back to one real run of the model copy.
-    """
-    try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-            # fresh tensors, not views of the stacked input: a model may detach_() or resize its input in place
-            fake = [torch.empty(a.shape, dtype=a.dtype, device=a.device) if isinstance(a, torch.Tensor) else a
-                    for a in example_args]
-            _ShapeProp(gm).run(*fake)
-        return
-    except Exception:  # noqa: BLE001 - the real run below raises the error if it is a real one
-        pass
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        # copies: an in-place op of the model must not write into the caller's input
-        _ShapeProp(gm).run(*[a.clone() if isinstance(a, torch.Tensor) else a for a in example_args])

@@ -1,0 +1,80 @@
+"""The compiler, stage by stage: a fleet and the arguments of a call in, the fused forward out.
+
+    models ──check──> stack ──────────────────────────────────────────────> FusedModule (fusecc/api.py)
+                                                                               │ first call with a new signature
+    compile_fleet:  frontend ──> shape-prop ──> rewrite ──> epilogue ──> codegen ──> Compiled
+                    (capture     (per-model     (one rule    (activations  (a Python
+                     one graph)   shapes)        per node)    into GEMMs)   forward)
+
+``fusecc.fuse`` checks the N models (fusecc/check.py) and stacks their weights into a FusedModule once. At its first
+call with each new input signature the module describes itself as a :class:`~fusecc.fleet.Fleet` and calls
+:func:`compile_fleet`; the stages read the fleet and never write into the module: the :class:`Compiled` result
+carries everything the module must hold to run the generated forward (its new constants and fallback templates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Sequence, Set, Tuple
+
+import torch.fx as fx
+import torch.nn as nn
+from torch import Tensor
+
+from . import frontends
+from .codegen import codegen, eliminate_dead_code
+from .epilogue import fuse_activations
+from .errors import FusionError, source_line
+from .fleet import Fleet
+from .report import Report
+from .rewrite import Rewriter
+from .shape_prop import shape_prop
+from .values import Stacked
+
+
+@dataclass
+class Compiled:
+    """One compile's result: the generated forward and what the fused module must hold for it."""
+
+    fn: Callable  # forward(module, *tensor_arguments)
+    graph: fx.Graph
+    report: Report
+    constants: Dict[str, Tensor] = field(default_factory=dict)  # buffers the forward reads, to register
+    templates: Dict[str, nn.Module] = field(default_factory=dict)  # modules the fallback loop runs, by qualname
+
+
+def compile_fleet(fleet: Fleet, arguments: Sequence[Tuple[str, Any]], shared: Set[str],
+                  frontend: str = "fx") -> Compiled:
+    """Compile the fused forward of ``fleet`` for one call's ``arguments`` (name, value): tensors carry a leading
+    model dim, except those named in ``shared``; Python constants are specialised."""
+    concrete = {name: v for name, v in arguments if not isinstance(v, Tensor)}
+    gm = frontends.capture(frontend, fleet.prototype, concrete, fleet.leaf_modules)
+    examples: List[Any] = []
+    inputs: List[Tuple[str, Any]] = []  # per placeholder: ("tensor", layout) or ("const", value)
+    for name, v in arguments:
+        if isinstance(v, Tensor):
+            examples.append(v if name in shared else v[0])
+            inputs.append(("tensor", None if name in shared else Stacked(0)))
+        else:
+            examples.append(v)
+            inputs.append(("const", v))
+    shape_prop(gm, examples)
+    rewriter = Rewriter(fleet, gm)
+    try:
+        graph = rewriter.run(inputs)
+    except FusionError as e:
+        raise _with_source_line(e, fleet, concrete, frontend) from e.__cause__
+    fuse_activations(graph, fleet.prototype, rewriter.report)
+    eliminate_dead_code(graph)
+    return Compiled(codegen(graph, fleet.source), graph, rewriter.report, rewriter.new_constants, rewriter.templates)
+
+
+def _with_source_line(err: FusionError, fleet: Fleet, concrete: Dict[str, Any], frontend: str) -> FusionError:
+    """Capture again with stack traces (costly, so only now) to add the user's source line to a rewrite error."""
+    name = getattr(err, "node_name", None)
+    if not name:
+        return err
+    gm = frontends.capture(frontend, fleet.prototype, concrete, fleet.leaf_modules, stack_traces=True)
+    node = next((nd for nd in gm.graph.nodes if nd.name == name), None)
+    line = source_line(node) if node is not None else None
+    return type(err)(f"{err}\n  at {line}") if line else err

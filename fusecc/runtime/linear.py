@@ -1,0 +1,34 @@
+"""Linear layers of N models: one batched GEMM (per-model inputs) or one wide GEMM (a shared input)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fusecc.kernels import linear as kernels_linear
+
+
+def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "none", impl: str = "bmm") -> Tensor:
+    """Per-model linear: ``y[n] = act(x[n] @ weight[n]^T + bias[n])``.
+
+    x ``[N, *, K]``, weight ``[N, M, K]``, bias ``[N, M]`` or None -> ``[N, *, M]``. ``impl`` "bmm": the Triton kernel
+    on CUDA (bias and activation in its epilogue), ``baddbmm`` elsewhere (fusecc.kernels.linear); "loop": N
+    ``F.linear`` calls, stacked (fusecc/choose.py picks it per layer when it measures faster).
+    """
+    if impl == "loop":
+        # unbind, not x[i]: the backward of N unbinds is one stack, of N indexings N full-size scatters
+        bs = [None] * weight.shape[0] if bias is None else bias.unbind(0)
+        y = torch.stack([F.linear(xi, wi, bi) for xi, wi, bi in zip(x.unbind(0), weight.unbind(0), bs)])
+        return kernels_linear.reference.activation_(y, act)
+    return kernels_linear.batched_linear(x, weight, bias, act)
+
+
+def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "none") -> Tensor:
+    """N linears on one shared input as ONE GEMM with the N weights concatenated.
+
+    x ``[*, K]`` (the same for every model), weight ``[N, M, K]``, bias ``[N, M]`` -> ``[*, N*M]`` (model-major).
+    """
+    return kernels_linear.wide_linear(x, weight, bias, act)
