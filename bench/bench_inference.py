@@ -57,6 +57,7 @@ import torch.nn as nn
 from torch import Tensor
 
 import fusecc
+from fusecc.verify import relative_error
 
 if __package__:  # run as python -m bench.<name>: _common.py is next to this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -139,10 +140,6 @@ def stacked(y: Union[Tensor, List[Tensor]]) -> Tensor:
     return torch.stack(y) if isinstance(y, list) else y
 
 
-def rel_err(y: Tensor, ref: Tensor) -> float:
-    return ((y - ref).abs().max() / ref.abs().max()).item()
-
-
 @torch.no_grad()
 def bench_row(model: str, n: int, batch: int, res: int, max_reps: int, budget_s: float, providers: Sequence[str],
               rates: MachineRates) -> Row:
@@ -163,7 +160,7 @@ def bench_row(model: str, n: int, batch: int, res: int, max_reps: int, budget_s:
             fn = PROVIDERS[name](models, x)
             y = stacked(fn(x))  # also the warm-up call (fusecc and torch.compile compile here)
             result.first_call_s = time.perf_counter() - start
-            result.max_rel_err = rel_err(y, ref)
+            result.max_rel_err = relative_error(y, ref)
         except Exception as e:  # a crashing provider is reported in its row; the others still run
             result.error = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500]
             print(f"  {model} N={n} {name}: FAILED: {result.error}", flush=True)

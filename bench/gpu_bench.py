@@ -38,6 +38,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from fusecc.verify import relative_error
+
 # H200 (SXM): dense bf16 tensor-core peak 989 TFLOP/s, fp32 (CUDA cores) 67 TFLOP/s, HBM3e 4.8 TB/s; measured here
 # (.library/device/KINDS.md): an 8192^3 bf16 matmul at 770-800 TFLOP/s, a device copy at 4.3 TB/s
 PEAK = {"bf16_tflops": 989.0, "fp32_tflops": 67.0, "tf32_tflops": 494.0, "hbm_tbs": 4.8}
@@ -139,10 +141,6 @@ def time_ms(fn: Callable[[], Any], dev: torch.device, min_reps: int = 5, min_s: 
             fn()
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times), len(times)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
 
 
 # ------------------------------------------------------------------------------------------------------ fleets
@@ -249,7 +247,7 @@ def run_fleets(dev: torch.device, smoke: bool, deadline: float) -> List[Row]:
                         y = provs[p]()
                         row.extra["first_call_s"] = round(time.time() - t0, 2)
                         if p != "one-model":
-                            row.rel_err = rel_err(y.reshape(ref.shape), ref)
+                            row.rel_err = relative_error(y.reshape(ref.shape), ref)
                             if row.rel_err > TOL[dt]:
                                 row.status = f"error: differs from the loop by {row.rel_err:.3g} (> {TOL[dt]})"
                                 continue

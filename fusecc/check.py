@@ -42,6 +42,13 @@ def check_models(models: Any) -> List[nn.Module]:
             f"fusecc.fuse: expected a sequence of models, got one {type(models).__name__}; pass a list, "
             "e.g. fuse([model_a, model_b])"
         )
+    if isinstance(models, nn.Sequential) and len({type(m) for m in models}) > 1:
+        # an nn.Sequential of different layers is one model, not a list of models
+        raise TypeError(
+            f"fusecc.fuse: expected a sequence of models, got one nn.Sequential model ({len(models)} layers: "
+            f"{', '.join(type(m).__name__ for m in list(models)[:3])}{', ...' if len(models) > 3 else ''}); pass a "
+            "list of models, e.g. fuse([model_a, model_b])"
+        )
     if isinstance(models, (nn.ModuleList, nn.Sequential)):
         models = list(models)
     try:

@@ -6,38 +6,35 @@
     fusecc bench --arch torchvision.models:resnet18 --num-models 8 --example-input 4,3,64,64
 
 Exit status: 0 success, 1 a bad input or a failed export (one line on stderr naming the culprit), 2 a usage error.
-This module only parses arguments, loads models and calls :func:`fusecc.fuse` and :func:`fusecc.export.export`.
+This module only parses arguments and reports: loading the models (fusecc/checkpoints.py), fusing, exporting
+(fusecc/export.py), verifying (fusecc/verify.py), the Triton repository entry (fusecc/model_repository.py) and the
+timing (fusecc/benchmark.py) are library functions.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import importlib
-import importlib.util
 import json
+import logging
 import os
-import pickle
-import re
-import shutil
-import statistics
 import sys
-import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .version import __version__
 from .api import FusedModule, fuse
-from .errors import FusionError
+from .benchmark import compare
+from .checkpoints import CheckpointError, load_fleet
+from .errors import FusionError, first_line
 from .export import FORMATS, SUFFIX, atomic_path, export, load
 from .memory import activation_peak
+from .model_repository import write_triton_repo
+from .verify import VerificationError, check_outputs
+from .version import __version__
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-# verification bound: max |artifact - models| / max |models|
-VERIFY_TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 class CLIError(Exception):
@@ -97,8 +94,6 @@ class Progress:
         self.quiet = quiet
         self._bars: list = []
         if quiet:  # torch's own notes (e.g. AOTInductor's "No CUDA runtime is found") too
-            import logging
-
             logging.getLogger("torch").setLevel(logging.ERROR)
 
     def close(self) -> None:
@@ -119,130 +114,14 @@ class Progress:
         return bar
 
 
-def load_factory(spec: str) -> Callable[..., nn.Module]:
-    """``module:callable`` or ``path/to/file.py:callable`` -> the callable (dotted attributes allowed)."""
-    mod_name, _, attr = spec.rpartition(":")
-    try:
-        if mod_name.endswith(".py") or os.sep in mod_name:
-            if not os.path.isfile(mod_name):
-                raise CLIError(f"--arch {spec}: no such file {mod_name!r}")
-            name = "_fusecc_arch_" + os.path.splitext(os.path.basename(mod_name))[0]
-            loader_spec = importlib.util.spec_from_file_location(name, mod_name)
-            module = importlib.util.module_from_spec(loader_spec)
-            sys.modules[name] = module
-            loader_spec.loader.exec_module(module)
-        else:
-            if os.getcwd() not in sys.path:  # as `python -m` does: the current directory's modules import
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(mod_name)
-    except CLIError:
-        raise
-    except Exception as e:  # ImportError, or anything the user's module raises while importing
-        raise CLIError(f"--arch {spec}: cannot import {mod_name!r}: {type(e).__name__}: {_first_line(e)}") from e
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise CLIError(f"--arch {spec}: {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise CLIError(f"--arch {spec}: {attr!r} is a {type(obj).__name__}, not a callable returning an nn.Module")
-    return obj
-
-
-def build_model(factory: Callable[..., nn.Module], spec: str, kwargs: Dict[str, Any]) -> nn.Module:
-    try:
-        model = factory(**kwargs)
-    except Exception as e:
-        raise CLIError(f"--arch {spec}: calling it with {kwargs} failed: {type(e).__name__}: {_first_line(e)}") from e
-    if not isinstance(model, nn.Module):
-        raise CLIError(f"--arch {spec} returned a {type(model).__name__}, not an nn.Module")
-    return model
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
-    return lines[0].strip() if lines else ""
-
-
-_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
-
-
-def load_checkpoint(path: str) -> Dict[str, Tensor]:
-    """A state dict from a .safetensors or .pt/.pth file (``torch.load(weights_only=True)``: never a full unpickle)."""
-    if not os.path.exists(path):
-        raise CLIError(f"weights file {path!r} does not exist")
-    if not os.path.isfile(path) or not os.access(path, os.R_OK):
-        raise CLIError(f"weights file {path!r} is not a readable file")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(path)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = _ANSI.sub("", str(e))
-        why = next((ln.strip() for ln in text.splitlines() if "WeightsUnpickler error" in ln), _first_line(e))
-        raise CLIError(f"weights file {path!r} holds more than tensors, and torch.load(weights_only=True) refuses "
-                       f"to unpickle it ({why}); save model.state_dict() instead") from e
-    except Exception as e:
-        raise CLIError(f"weights file {path!r} is not a PyTorch or safetensors checkpoint (loading it failed with "
-                       f"{type(e).__name__}: {_first_line(e)})") from e
-    if isinstance(obj, dict) and not all(isinstance(v, Tensor) for v in obj.values()):
-        for key in _NESTED_KEYS:  # {"state_dict": {...}, "epoch": 3, ...}
-            if isinstance(obj.get(key), dict) and all(isinstance(v, Tensor) for v in obj[key].values()):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CLIError(f"weights file {path!r} is not a state dict (a dict of tensors, possibly under one of "
-                       f"{list(_NESTED_KEYS)}); got a {type(obj).__name__}")
-    if all(k.startswith("module.") for k in obj):  # saved from DataParallel / DistributedDataParallel
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
-
-
-def _short(keys: List[str], most: int = 4) -> str:
-    shown = ", ".join(keys[:most])
-    return f"[{shown}{', ...' if len(keys) > most else ''}] ({len(keys)})"
-
-
-def load_into(model: nn.Module, sd: Dict[str, Tensor], path: str, spec: str) -> None:
-    """Load a checkpoint strictly, or say in one line how it does not fit the architecture."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    mismatch = next(((k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own
-                     if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)), None)
-    if missing or unexpected or mismatch:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_short(unexpected)}")
-        if mismatch:
-            k, got, want = mismatch
-            parts.append(f"first shape mismatch: {k} is {list(got)} in the checkpoint, {list(want)} in the model")
-        raise CLIError(f"weights file {path!r} does not fit --arch {spec}: " + "; ".join(parts))
-    model.load_state_dict(sd)
-
-
 def build_models(args: argparse.Namespace, progress: Progress) -> List[nn.Module]:
-    factory = load_factory(args.arch)
-    kwargs = args.arch_kwargs or {}
     torch.manual_seed(args.seed)
-    models: List[nn.Module] = []
-    if args.weights:
-        for path in progress.bar(args.weights, f"loading {len(args.weights)} checkpoints"):
-            sd = load_checkpoint(path)
-            model = build_model(factory, args.arch, kwargs)
-            load_into(model, sd, path, args.arch)
-            models.append(model)
-    else:
-        for _ in progress.bar(range(args.num_models), f"initialising {args.num_models} models"):
-            models.append(build_model(factory, args.arch, kwargs))
+    what = f"loading {len(args.weights)} checkpoints" if args.weights else f"initialising {args.num_models} models"
+    try:
+        models = load_fleet(args.arch, args.arch_kwargs, args.weights or (), args.num_models or 0,
+                            on_each=lambda items: progress.bar(items, what), label=f"--arch {args.arch}")
+    except CheckpointError as e:
+        raise CLIError(str(e)) from e
     try:
         device = torch.device(args.device)
         return [m.to(device=device, dtype=DTYPES[args.dtype]).eval() for m in models]
@@ -273,37 +152,6 @@ def fuse_models(models: List[nn.Module], args: argparse.Namespace, inputs: Tuple
                        f"{' '.join(','.join(map(str, s)) for s in args.example_input)}: "
                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     return fused
-
-
-def run_each(models: List[nn.Module], inputs: Tuple[Tensor, ...], shared: bool) -> Any:
-    """The oracle: each original model on its own input, outputs stacked on a leading model dim."""
-    from torch.utils._pytree import tree_flatten, tree_unflatten
-
-    with torch.no_grad():
-        outs = [m(*(inputs if shared else tuple(x[i] for x in inputs))) for i, m in enumerate(models)]
-    leaves = [tree_flatten(o)[0] for o in outs]
-    spec = tree_flatten(outs[0])[1]
-    return tree_unflatten([torch.stack([lv[j] for lv in leaves]) if isinstance(leaves[0][j], Tensor)
-                           else leaves[0][j] for j in range(len(leaves[0]))], spec)
-
-
-def relative_error(got: Any, ref: Any) -> float:
-    """max |got - ref| / max |ref| over every tensor leaf (inf if the structures differ)."""
-    from torch.utils._pytree import tree_flatten
-
-    g, r = tree_flatten(got)[0], tree_flatten(ref)[0]
-    if len(g) != len(r):
-        return float("inf")
-    worst = 0.0
-    for a, b in zip(g, r):
-        if not isinstance(b, Tensor):
-            continue
-        if not isinstance(a, Tensor) or tuple(a.shape) != tuple(b.shape):
-            return float("inf")
-        a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
-        if b64.numel():
-            worst = max(worst, float((a64 - b64).abs().max() / b64.abs().max().clamp_min(1e-12)))
-    return worst
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -344,58 +192,28 @@ def cmd_export(args: argparse.Namespace, progress: Progress) -> int:
         try:
             export(fused, inputs, tmp, args.format)
         except Exception as e:
-            raise CLIError(f"export as {args.format} failed: {type(e).__name__}: {_first_line(e)}") from e
+            raise CLIError(f"export as {args.format} failed: {type(e).__name__}: {first_line(e)}") from e
         progress.say("verifying: loading the artifact back and comparing with the models run one by one")
         try:
+            artifact = load(tmp, args.format)
             with torch.no_grad():
-                got = load(tmp, args.format)(*inputs)
+                got = artifact(*inputs)
         except Exception as e:
             raise CLIError(f"the exported {args.format} artifact does not load and run (not written): "
-                           f"{type(e).__name__}: {_first_line(e)}") from e
-        err = relative_error(got, run_each(models, inputs, args.shared_input))
-        tol = VERIFY_TOL[DTYPES[args.dtype]]
-        if not err <= tol:
-            raise CLIError(f"verification failed (not written): max error {err:.3g} x max|output| against the "
-                           f"{len(models)} models, above {tol:g} for {args.dtype}")
+                           f"{type(e).__name__}: {first_line(e)}") from e
+        try:
+            err = check_outputs(got, models, inputs, args.shared_input, what=f"the exported {args.format} artifact")
+        except VerificationError as e:
+            raise CLIError(f"verification failed (not written): {e}") from e
         size = os.path.getsize(tmp)
     print(f"wrote {out} ({args.format}, {_mib(size)}, {len(models)} models, input "
           f"{' '.join('x'.join(map(str, t.shape)) for t in inputs)}); verified against the {len(models)} models run "
           f"one by one: max error {err:.2e} x max|output|")
     if args.triton_repo:
-        write_triton_repo(args.triton_repo, args.name or os.path.splitext(os.path.basename(out))[0], out, inputs,
-                          got)
+        entry = write_triton_repo(args.triton_repo, args.name or os.path.splitext(os.path.basename(out))[0], out,
+                                  inputs, got)
+        print(f"wrote Triton model repository entry {entry} (config.pbtxt, 1/model.pt)")
     return 0
-
-
-_TRITON_TYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16", torch.bfloat16: "TYPE_BF16",
-                 torch.float64: "TYPE_FP64", torch.int64: "TYPE_INT64", torch.int32: "TYPE_INT32",
-                 torch.bool: "TYPE_BOOL"}
-
-
-def triton_config(name: str, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> str:
-    """config.pbtxt for NVIDIA Triton Inference Server's libtorch backend (fixed shapes, no server batching)."""
-
-    def block(kind: str, tensors: Sequence[Tensor]) -> str:
-        rows = [f'  {{ name: "{kind.upper()}__{i}" data_type: {_TRITON_TYPES[t.dtype]} '
-                f'dims: [ {", ".join(str(d) for d in t.shape)} ] }}' for i, t in enumerate(tensors)]
-        return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
-
-    return (f'name: "{name}"\nplatform: "pytorch_libtorch"\nmax_batch_size: 0\n'
-            + block("input", inputs) + block("output", outputs))
-
-
-def write_triton_repo(repo: str, name: str, artifact: str, inputs: Sequence[Tensor], outputs: Any) -> None:
-    from torch.utils._pytree import tree_flatten
-
-    outs = [t for t in tree_flatten(outputs)[0] if isinstance(t, Tensor)]
-    version = os.path.join(repo, name, "1")
-    os.makedirs(version, exist_ok=True)
-    with atomic_path(os.path.join(version, "model.pt")) as tmp:
-        shutil.copyfile(artifact, tmp)
-    with atomic_path(os.path.join(repo, name, "config.pbtxt")) as tmp:
-        with open(tmp, "w") as f:
-            f.write(triton_config(name, inputs, outs))
-    print(f"wrote Triton model repository entry {os.path.join(repo, name)} (config.pbtxt, 1/model.pt)")
 
 
 def _mib(b: float) -> str:
@@ -440,43 +258,18 @@ def cmd_inspect(args: argparse.Namespace, progress: Progress) -> int:
     return 0
 
 
-def _time(fn: Callable[[], Any]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def cmd_bench(args: argparse.Namespace, progress: Progress) -> int:
-    from torch.func import functional_call, stack_module_state
-
     models = build_models(args, progress)
     inputs = example_inputs(args, len(models))
     fused = fuse_models(models, args, inputs, progress)
-    params, buffers = stack_module_state(models)
-    base = copy.deepcopy(models[0]).to("meta")
-    dims = tuple(None if args.shared_input else 0 for _ in inputs)
-
-    def vmapped(*xs):
-        return torch.vmap(lambda p, b, *x: functional_call(base, (p, b), x), in_dims=(0, 0) + dims)(params, buffers,
-                                                                                                      *xs)
-
-    providers = {"loop": lambda: run_each(models, inputs, args.shared_input), "vmap": lambda: vmapped(*inputs),
-                 "fusecc": lambda: fused(*inputs)}
-    ref = providers["loop"]()
-    errors = {}
-    with torch.no_grad():
-        for name, fn in providers.items():
-            errors[name] = relative_error(fn(), ref)
-        times: Dict[str, List[float]] = {k: [] for k in providers}
-        for _ in progress.bar(range(args.warmup + args.repeat), "timing"):
-            for name, fn in providers.items():  # interleaved: a slow spell of the machine hits every provider
-                times[name].append(_time(fn))
-    med = {k: statistics.median(v[args.warmup:]) * 1e3 for k, v in times.items()}
+    rows = compare(models, fused, inputs, args.shared_input, args.repeat, args.warmup,
+                   rounds=lambda r: progress.bar(r, "timing"))
+    loop_ms = next(r.median_ms for r in rows if r.provider == "loop")
     print(f"{args.arch} x {len(models)} models, input {' '.join('x'.join(map(str, t.shape)) for t in inputs)}, "
           f"{args.dtype} on {args.device}, {torch.get_num_threads()} threads, median of {args.repeat}")
     print(f"{'provider':<8} {'ms':>10} {'vs loop':>8} {'max error':>10}")
-    for k in providers:
-        print(f"{k:<8} {med[k]:>10.2f} {med['loop'] / med[k]:>7.2f}x {errors[k]:>10.1e}")
+    for r in rows:
+        print(f"{r.provider:<8} {r.median_ms:>10.2f} {loop_ms / r.median_ms:>7.2f}x {r.rel_error:>10.1e}")
     return 0
 
 

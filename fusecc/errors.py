@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch.fx as fx
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class FusionError(RuntimeError):
@@ -32,3 +35,14 @@ def source_line(node: fx.Node) -> Optional[str]:
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
             best = f"{ln} : {code}"
     return best
+
+
+def strip_ansi(text: str) -> str:
+    """text without terminal colour codes (torch colours some of its messages)."""
+    return _ANSI.sub("", text)
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, for one-line error reports."""
+    lines = [ln for ln in strip_ansi(str(e)).splitlines() if ln.strip()]
+    return lines[0].strip() if lines else ""

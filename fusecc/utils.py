@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, List, Sequence, Union
+from typing import Any, Callable, List
 
 import torch
 from torch import Tensor
 
-PerModel = Union[float, Sequence[float], Tensor]
+from .kernels.optim import PerModel  # a scalar, or one value per model
 
 
 def per_model_loss(loss_fn: Callable[..., Tensor], outputs: Any, targets: Any, *, shared_targets: bool = False,

@@ -20,7 +20,9 @@ from typing import List
 from ._aot import CompiledInfo, KernelSpec, compile_spec
 from ._backend import _kernel_name
 
-OPS = ("linear", "layer_norm", "routed_linear", "optim")
+# every op folder with a triton.py (which lists its aot_specs()): discovered, as setup.py discovers the packages
+OPS = tuple(sorted(d for d in os.listdir(os.path.dirname(os.path.abspath(__file__)))
+                   if os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), d, "triton.py"))))
 
 # per-SM shared memory a block may use (opt-in maximum), from the CUDA programming guide
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}

@@ -119,3 +119,20 @@ def test_bad_per_model_input_shape_names_node():
 def test_shared_inputs_unknown_name():
     with pytest.raises(ValueError, match=r"shared_inputs names \['y'\]"):
         fusecc.fuse(make_models(Net, 2), shared_inputs=["y"])
+
+
+def test_bad_input_shape_is_a_fusion_input_error_with_no_log_noise(capfd):
+    """A wrong per-model shape fails in shape propagation: one exception that is both a FusionError (the compile
+    failed) and a ValueError (the call's arguments are at fault), and nothing logged on stderr before it."""
+    fused = fusecc.fuse(make_models(Net, 2))
+    with pytest.raises(fusecc.FusionError) as e:
+        fused(torch.randn(2, 1, 7))
+    assert isinstance(e.value, ValueError)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_one_sequential_model_is_not_a_list_of_models():
+    with pytest.raises(TypeError, match=r"got one nn.Sequential model \(3 layers: Linear, ReLU, Linear\)"):
+        fusecc.fuse(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    fused = fusecc.fuse(nn.Sequential(Net(), Net()))  # a Sequential of models is a sequence of models
+    assert fused.num_models == 2

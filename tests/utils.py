@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch import Tensor
 
 import fusecc
+from fusecc import verify
 
 # per-dtype (rtol, atol), from torch.testing's defaults, loosened for N-way fused reductions
 TOL = {
@@ -45,23 +46,9 @@ def assert_close(name: str, actual, expected, dtype: torch.dtype = torch.float32
 
 
 def run_each(models: Sequence[nn.Module], xs, shared: bool = False):
-    """The oracle: model i on input i (or on the shared input), outputs stacked like the fused module's."""
-    outs = []
-    for i, m in enumerate(models):
-        args = xs if shared else tuple(x[i] if isinstance(x, Tensor) else x for x in xs)
-        outs.append(m(*args))
-    return stack_outputs(outs)
-
-
-def stack_outputs(outs: List):
-    o0 = outs[0]
-    if isinstance(o0, Tensor):
-        return torch.stack(outs)
-    if isinstance(o0, (tuple, list)):
-        return type(o0)(stack_outputs([o[i] for o in outs]) for i in range(len(o0)))
-    if isinstance(o0, dict):
-        return {k: stack_outputs([o[k] for o in outs]) for k in o0}
-    return o0
+    """The oracle (fusecc.verify.run_each), with autograd: model i on input i (or on the shared input), outputs
+    stacked like the fused module's."""
+    return verify.run_each(models, xs, shared, grad=True)
 
 
 def make_models(factory: Callable[[], nn.Module], n: int) -> List[nn.Module]:

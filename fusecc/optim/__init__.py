@@ -29,7 +29,7 @@ from ..kernels import _backend
 from ..kernels import optim as _kernels  # fused Triton steps; imports no triton until a step picks it
 from . import lr_scheduler  # noqa: F401  (fusecc.optim.lr_scheduler)
 
-PerModel = Union[float, Sequence[float], Tensor]
+PerModel = _kernels.PerModel  # a scalar, or one value per model
 
 __all__ = ["FusedOptimizer", "SGD", "Adam", "AdamW", "RMSprop", "lr_scheduler"]
 

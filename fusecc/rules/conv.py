@@ -19,11 +19,6 @@ _CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _CONVT_FNS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
 
 
-def _zero(v, value: int = 0) -> bool:
-    """padding (or, with value=1, dilation) that is ``value`` in every dim."""
-    return not isinstance(v, str) and all(e == value for e in (v if isinstance(v, (tuple, list)) else (v,)))
-
-
 def conv(ctx, x: Value, w: Value, b, stride, padding, dilation, groups: int, nd: int) -> Value:
     ch = x.rank - nd - 1  # channel dim: 1 for a batched input, 0 for an unbatched one
     if ch not in (0, 1):
@@ -36,8 +31,9 @@ def conv(ctx, x: Value, w: Value, b, stride, padding, dilation, groups: int, nd:
             y = ctx.call(runtime.conv.stacked_conv, x, w, b, stride, padding, dilation, 1, nd)
             return ctx.out(y, Folded(ch))
         xf = ctx.folded(x, ch)
-        pointwise = nd == 2 and groups == 1 and tuple(w.meta.shape[-2:]) == (1, 1) and _zero(padding)
-        if ctx.triton and pointwise and _zero(dilation, 1):
+        pointwise = (nd == 2 and groups == 1 and tuple(w.meta.shape[-2:]) == (1, 1)
+                     and runtime.conv.all_equal(padding, 0) and runtime.conv.all_equal(dilation, 1))
+        if ctx.triton and pointwise:
             ctx.record(f"conv{nd}d", "1x1 conv as a per-model GEMM, channels-last (Triton kernel)")
             impl = "grouped"
         elif ch == 1:  # batched input: pick a lowering for this layer (fusecc/choose.py)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import operator
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -143,6 +144,32 @@ def fuse_addmm(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     conv, lay = ctx.broadcast_operands([inp, prod])
     new, lay = ctx.finish_broadcast(ctx.call(operator.add, conv[0], conv[1]), lay)
     return ctx.out(new, lay)
+
+
+def bilinear(ctx, x1: Value, x2: Value, w: Value, b: Optional[Value]) -> Value:
+    """``x1^T W x2 + b`` per model. Per-model weights: one einsum over the stacked operands
+    (runtime.linear.batched_bilinear); a weight every model shares: F.bilinear itself on the stacked inputs, whose
+    leading dims it treats as batch dims."""
+    xs1, xs2 = ctx.stacked(x1, 0), ctx.stacked(x2, 0)  # (a shared input is broadcast: an expanded view, no copy)
+    if not w.per_model and not (b is not None and b.per_model):
+        ctx.record("bilinear", "one bilinear (weight shared by all models)")
+        return ctx.out(ctx.call(F.bilinear, xs1, xs2, w, b), Stacked(0))
+    ctx.record("bilinear", "one einsum with per-model weights")
+    bias = None if b is None else ctx.stacked(b, 0)
+    return ctx.out(ctx.call(runtime.linear.batched_bilinear, xs1, xs2, ctx.stacked(w, 0), bias), Stacked(0))
+
+
+@register_rule(nn.Bilinear)
+def fuse_bilinear_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
+    x1, x2 = arg(args, kwargs, 0, "input1"), arg(args, kwargs, 1, "input2")
+    return bilinear(ctx, x1, x2, ctx.mod_tensor(node, "weight"), ctx.mod_tensor(node, "bias"))
+
+
+@register_rule(F.bilinear, by_name=True)
+def fuse_bilinear(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
+    b = arg(args, kwargs, 3, "bias")
+    return bilinear(ctx, args[0], arg(args, kwargs, 1, "input2"), arg(args, kwargs, 2, "weight"),
+                    b if isinstance(b, Value) else None)
 
 
 @register_rule(torch.einsum)

@@ -48,7 +48,7 @@ def stacked_conv(
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     elif impl == "grouped":
         x = x.contiguous()
-    if (nd == 2 and tuple(weight.shape[-2:]) == (1, 1) and _all_eq(padding, 0) and _all_eq(dilation, 1)
+    if (nd == 2 and tuple(weight.shape[-2:]) == (1, 1) and all_equal(padding, 0) and all_equal(dilation, 1)
             and (groups == n or groups == 1) and x.dim() == 4 and not isinstance(stride, str)):
         # a 1x1 conv per model (groups = N) or of a shared input (groups = 1): the per-model GEMM kernel on CUDA,
         # this same grouped conv elsewhere (fusecc.kernels.conv1x1)
@@ -152,8 +152,10 @@ def conv_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Any, pa
     return y.reshape(b, oh, ow, n * m).permute(0, 3, 1, 2)
 
 
-def _all_eq(v: Any, value: int) -> bool:
-    return all(e == value for e in v) if isinstance(v, (tuple, list)) else v == value
+def all_equal(v: Any, value: int) -> bool:
+    """A conv argument (padding, dilation: an int, one per dim, or a string like "same") that is ``value`` in every
+    dim."""
+    return not isinstance(v, str) and all(e == value for e in (v if isinstance(v, (tuple, list)) else (v,)))
 
 
 def stacked_conv_transpose(

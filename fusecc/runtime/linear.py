@@ -32,3 +32,19 @@ def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "n
     x ``[*, K]`` (the same for every model), weight ``[N, M, K]``, bias ``[N, M]`` -> ``[*, N*M]`` (model-major).
     """
     return kernels_linear.wide_linear(x, weight, bias, act)
+
+
+def batched_bilinear(x1: Tensor, x2: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Per-model bilinear: ``y[n] = F.bilinear(x1[n], x2[n], weight[n], bias[n])``, as ONE einsum.
+
+    x1 ``[N, *, I]``, x2 ``[N, *, J]`` (a shared input arrives broadcast, an expanded view), weight ``[N, O, I, J]``,
+    bias ``[N, O]`` or None -> ``[N, *, O]``.
+    """
+    n, o = weight.shape[0], weight.shape[1]
+    lead = tuple(x1.shape[1:-1])
+    a, c = x1.reshape(n, -1, x1.shape[-1]), x2.reshape(n, -1, x2.shape[-1])
+    y = torch.einsum("nri,noij,nrj->nro", a, weight, c)
+    if bias is not None:
+        y = y + bias.unsqueeze(1)
+    return y.reshape((n,) + lead + (o,))
+

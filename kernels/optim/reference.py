@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-PerModel = Union[float, Sequence[float], Tensor]
+PerModel = Union[float, Sequence[float], Tensor]  # a hyper-parameter: one value for all models, or one per model
 
 # rows of the coefficient tables, in the order the kernels read them
 SGD_ROWS = ("lr", "weight_decay", "momentum", "one_minus_dampening")

@@ -21,6 +21,7 @@ import torchvision
 
 import fusecc
 from fusecc.kernels import _backend, use_backend
+from fusecc.verify import relative_error
 from tests.utils import make_models
 
 DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if os.environ.get("FUSECC_GPU_TESTS_ON_CPU") else None)
@@ -73,11 +74,6 @@ def exact_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
-
-
 @pytest.mark.parametrize("backend", ["auto", "reference"], ids=["kernels", "reference"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_fp32_forward_and_gradients(name, backend):
@@ -99,10 +95,11 @@ def test_fp32_forward_and_gradients(name, backend):
         ref.backward(g)
     if DEVICE == "cuda":  # (on the CPU, "auto" is the reference too)
         assert (ran > 0) == (backend == "auto"), f"{ran} kernel launches with backend {backend}"
-    assert rel_err(y, ref) < REL[torch.float32], f"out: {rel_err(y, ref):.3g}"
+    assert relative_error(y, ref) < REL[torch.float32], f"out: {relative_error(y, ref):.3g}"
     for pname, p in fused.named_parameters():
         want = torch.stack([m.get_parameter(pname).grad for m in models])
-        assert rel_err(p.grad, want) < REL[torch.float32] * 10, f"{pname}.grad: {rel_err(p.grad, want):.3g}"
+        err = relative_error(p.grad, want)
+        assert err < REL[torch.float32] * 10, f"{pname}.grad: {err:.3g}"
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"], ids=["kernels", "reference"])
@@ -119,4 +116,4 @@ def test_bf16_inference(name, backend):
         y = fused(x)
         ref = torch.stack([m(x[i]) for i, m in enumerate(models)])
     assert y.dtype == torch.bfloat16
-    assert rel_err(y, ref) < REL[torch.bfloat16], f"out: {rel_err(y, ref):.3g}"
+    assert relative_error(y, ref) < REL[torch.bfloat16], f"out: {relative_error(y, ref):.3g}"

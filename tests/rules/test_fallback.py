@@ -119,3 +119,16 @@ def test_function_on_shared_values_needs_no_rule():
             return self.fc(x) + pos.unsqueeze(-1)
 
     check_fused(make_models(Pos, 3), (torch.randn(3, 2, 4, 4),))
+
+
+def test_strict_makes_a_fallback_loop_an_error():
+    models = make_models(lambda: RNNNet(nn.GRU), 2)
+    fused = fusecc.fuse(models, strict=True)
+    with pytest.raises(fusecc.FusionError, match=r"node 'rnn'.*module 'rnn' \(GRU\) is not fused.*strict=True"):
+        fused(torch.randn(2, 2, 4, 5))
+
+
+def test_strict_makes_a_vmap_fallback_an_error():
+    fused = fusecc.fuse(make_models(FFT, 3), strict=True)
+    with pytest.raises(fusecc.FusionError, match=r"node 'fft_rfft'.*strict=True"):
+        fused(torch.randn(3, 2, 4))

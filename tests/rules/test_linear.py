@@ -90,3 +90,30 @@ def test_model_independence():
     x = torch.randn(3, 4, 7)
     for j in (1, 2):  # model 1 and the last model: change its weights, then poison its input
         assert_models_independent(fused, (x,), lambda j: fused.l1.weight[j].add_(1.0), j=j)
+
+
+class Bil(nn.Module):
+    """nn.Bilinear, and F.bilinear on a weight the model holds (the worked example of docs/adding-an-op.md)."""
+
+    def __init__(self, functional=False, bias=True):
+        super().__init__()
+        self.functional = functional
+        self.bil = nn.Bilinear(5, 3, 4, bias=bias)
+
+    def forward(self, x1, x2):
+        if self.functional:
+            return F.bilinear(x1, x2, self.bil.weight, self.bil.bias)
+        return self.bil(x1, x2)
+
+
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-model", "shared"])
+def test_bilinear(n, functional, bias, shared):
+    models = make_models(lambda: Bil(functional, bias), n)
+    lead = (2, 6)
+    x1 = torch.randn(*lead, 5) if shared else torch.randn(n, *lead, 5)
+    x2 = torch.randn(*lead, 3) if shared else torch.randn(n, *lead, 3)
+    fused = check_fused(models, (x1, x2), shared=shared, strict=True)  # strict: no loop over the models
+    assert fused.fusion_report.count("bilinear", "one einsum with per-model weights") == 1
