@@ -466,12 +466,6 @@ def fuse_cat(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
 @register_rule(torch.stack, by_name=True)
 def fuse_stack(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     ts = list(arg(args, kwargs, 0, "tensors"))
-    # torch.cat skips 1-D empty tensors (shape [0]) whatever the others' rank: so does the fused cat
-    full = [t for t in ts if not (isinstance(t, Value) and t.is_tensor and t.rank == 1 and t.meta.shape[0] == 0)]
-    if full and len(full) < len(ts):
-        ts = full
-        if not any(isinstance(t, Value) and t.per_model for t in ts):  # only shared tensors are left
-            return ctx.out(ctx.call(torch.cat, ts, arg(args, kwargs, 1, "dim", 0)), None)
     if not any(isinstance(t, Value) and t.per_model for t in ts):
         return ctx.out(ctx.emit_like(node, args, kwargs), None)
     r = next(t for t in ts if t.per_model).rank
