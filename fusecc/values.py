@@ -40,10 +40,6 @@ class Layout:
     def folded(self) -> bool:
         return self.kind == "folded"
 
-    def moved(self, dim: int) -> "Layout":
-        """The same kind of layout at another dim."""
-        return Layout(self.kind, dim)
-
     def __repr__(self) -> str:
         return f"{self.kind.capitalize()}({self.dim})"
 

@@ -75,13 +75,8 @@ def register_rule(*targets: Any, on_shared: bool = False, by_name: bool = False,
     return deco
 
 
-def module_rule(mod: nn.Module) -> Optional[Rule]:
-    """The rule for a module: its type's, or a base class's if the subclass keeps the base's forward."""
-    entry = module_entry(mod)
-    return entry.rule if entry is not None else None
-
-
 def module_entry(mod: nn.Module) -> Optional[Entry]:
+    """The rule entry for a module: its type's, or a base class's if the subclass keeps the base's forward."""
     for cls in type(mod).__mro__:
         entry = _MODULES.get(cls)
         if entry is not None:
