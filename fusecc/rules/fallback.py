@@ -37,6 +37,9 @@ def loop(ctx, node: fx.Node, args: tuple, kwargs: dict, reason: str) -> Value:
     if not own and not any(isinstance(a, Value) and a.per_model for a in list(args) + list(kwargs.values())):
         # no weights and nothing per-model in: one call serves every model
         return ctx.out(ctx.emit_like(node, args, kwargs), None)
+    if ctx.fleet.strict:
+        raise ctx.error(f"module '{qual}' ({type(mod).__name__}) is not fused: {reason}. fuse(..., strict=True) "
+                        "refuses to run it as a loop over the N models; without strict=True it does (with a warning)")
 
     def prep(a):
         if isinstance(a, Value):
@@ -66,9 +69,6 @@ def loop(ctx, node: fx.Node, args: tuple, kwargs: dict, reason: str) -> Value:
     if qual not in ctx.templates:  # the fused module adds it to its _fusecc_templates with the compiled forward
         ctx.templates[qual] = copy.deepcopy(mod)
     tmpl = ctx.call(lambda_getitem, ctx.get_attr("_fusecc_templates"), qual)
-    if ctx.fleet.strict:
-        raise ctx.error(f"module '{qual}' ({type(mod).__name__}) is not fused: {reason}. fuse(..., strict=True) "
-                        "refuses to run it as a loop over the N models; without strict=True it does (with a warning)")
     warn_fallback(qual, type(mod).__name__, reason)
     ctx.report.fallbacks.append((qual, type(mod).__name__, reason))
     ctx.record("fallback", "loop over the N models")
@@ -93,6 +93,9 @@ def vmap(ctx, node: fx.Node, args: tuple, kwargs: dict, kind: str, warn_reason: 
     warning). If vmap cannot run the function (data-dependent output shapes, randomness), the compile fails with
     vmap's reason.
     """
+    if warn_reason is not None and ctx.fleet.strict:
+        raise ctx.error(f"no rule registered for this op ({warn_reason}); fuse(..., strict=True) refuses to run it "
+                        "under torch.vmap over the model dim; without strict=True it does (with a warning)")
     n = ctx.n
 
     def prep(a):
@@ -116,7 +119,6 @@ def vmap(ctx, node: fx.Node, args: tuple, kwargs: dict, kind: str, warn_reason: 
     fargs = tuple(p[0] for p in parts)
     in_dims = tuple(p[1] for p in parts)
     metas = tuple(p[2] for p in parts)
-    k = len(kw_names)
     if node.op == "call_method":
         fn = getattr(torch.Tensor, node.target, None)
         if fn is None:
@@ -124,8 +126,7 @@ def vmap(ctx, node: fx.Node, args: tuple, kwargs: dict, kind: str, warn_reason: 
     else:
         fn = node.target
     try:
-        out = torch.vmap(lambda *a: fn(*a[:len(a) - k], **dict(zip(kw_names, a[len(a) - k:]))),
-                         in_dims=in_dims)(*metas)
+        out = torch.vmap(runtime.loop.keywords_last(fn, kw_names), in_dims=in_dims)(*metas)
     except Exception as e:  # noqa: BLE001 - any failure means: no safe way to run it per model
         raise ctx.error(
             f"no rule registered for this op on per-model values, and torch.vmap cannot run it per model "
@@ -138,9 +139,6 @@ def vmap(ctx, node: fx.Node, args: tuple, kwargs: dict, kind: str, warn_reason: 
     want = tree_map(lambda t: tuple(t.shape) if isinstance(t, Tensor) else None, meta)
     if got != want:
         raise ctx.error(f"torch.vmap gives per-model shapes {got}, the model gives {want}")
-    if warn_reason is not None and ctx.fleet.strict:
-        raise ctx.error(f"no rule registered for this op ({warn_reason}); fuse(..., strict=True) refuses to run it "
-                        "under torch.vmap over the model dim; without strict=True it does (with a warning)")
     if warn_reason is not None:
         where = f"node '{node.name}'"
         warnings.warn(f"fusecc: {where} ({node.target}) has no rule ({warn_reason}); it runs under torch.vmap over "

@@ -3,7 +3,7 @@ with no rule), and the loop over the N models of a module with no rule (the fall
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 from torch import Tensor
@@ -23,14 +23,19 @@ def vmap_key(fn: Any) -> str:
     return key
 
 
-def vmap_call(fn: str, in_dims: Tuple[Any, ...], args: Tuple[Any, ...], kw_names: Tuple[str, ...] = ()) -> Any:
-    """``fn(*args)`` per model: ``torch.vmap`` over dim 0 of the arguments whose in_dim is 0. The last
-    ``len(kw_names)`` arguments are passed by those keywords (vmap maps positional arguments only)."""
-    f = _VMAP_FNS[fn]
+def keywords_last(f: Callable[..., Any], kw_names: Tuple[str, ...]) -> Callable[..., Any]:
+    """``f`` called with its last ``len(kw_names)`` positional arguments passed by those keywords instead: torch.vmap
+    maps positional arguments only, so keyword arguments travel as trailing positional ones."""
     k = len(kw_names)
     if not k:
-        return torch.vmap(f, in_dims=in_dims)(*args)
-    return torch.vmap(lambda *a: f(*a[:len(a) - k], **dict(zip(kw_names, a[len(a) - k:]))), in_dims=in_dims)(*args)
+        return f
+    return lambda *a: f(*a[:len(a) - k], **dict(zip(kw_names, a[len(a) - k:])))
+
+
+def vmap_call(fn: str, in_dims: Tuple[Any, ...], args: Tuple[Any, ...], kw_names: Tuple[str, ...] = ()) -> Any:
+    """``fn(*args)`` per model: ``torch.vmap`` over dim 0 of the arguments whose in_dim is 0 (the last
+    ``len(kw_names)`` passed by those keywords, see :func:`keywords_last`)."""
+    return torch.vmap(keywords_last(_VMAP_FNS[fn], kw_names), in_dims=in_dims)(*args)
 
 
 def loop_module(
