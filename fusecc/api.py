@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
+from torch.utils._pytree import tree_unflatten
 
 from fusecc.kernels._backend import use_triton
 
@@ -25,6 +26,27 @@ from .errors import FusionError
 from .fleet import Constant, Fleet, StackedTensor
 from .pipeline import Compiled, compile_fleet
 from .report import Report
+
+
+class _AllNames(set):
+    """shared_inputs=True: every argument, the keywords of a forward's ``**kwargs`` too."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+    def __ge__(self, other: Any) -> bool:
+        return True
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __deepcopy__(self, memo: dict) -> "_AllNames":
+        return _AllNames()
+
+
+def rep_frontend(fused: "FusedModule") -> str:
+    last = fused._fusecc_last
+    return {"fx": "torch.fx", "dynamo": "torch._dynamo"}.get(last.frontend, last.frontend) if last else "?"
 
 
 class _Holder(nn.Module):
@@ -58,8 +80,13 @@ class FusedModule(nn.Module):
         leaf_modules: Sequence[Any] = (),
         tune: bool = False,
         strict: bool = False,
+        frontend: str = "auto",
     ):
         super().__init__()
+        from .frontends import FRONTENDS
+
+        if frontend != "auto" and frontend not in FRONTENDS:
+            raise ValueError(f"fusecc.fuse: frontend={frontend!r}; expected 'auto' or one of {sorted(FRONTENDS)}")
         models = check_models(models)
         ref = models[0]
         n = len(models)
@@ -74,19 +101,24 @@ class FusedModule(nn.Module):
         self._fusecc_source = type(ref).__qualname__
         self._fusecc_leaf_modules = tuple(leaf_modules)
         self._fusecc_strict = bool(strict)
+        # the frontend asked for; "auto" settles on the one that captured the first compile (fusecc/frontends/)
+        self._fusecc_frontend = frontend
         sig = inspect.signature(proto.forward)
         self.__dict__["_fusecc_sig"] = sig  # computed once: binding call arguments is on every forward's path
+        self._fusecc_var_kw: Optional[str] = None  # forward's **kwargs: its keywords are fused as named arguments
         for p in sig.parameters.values():
-            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            if p.kind == p.VAR_POSITIONAL:
                 raise FusionError(
                     f"fusecc.fuse: {type(ref).__name__}.forward takes *{p.name}; only named arguments can be fused"
                 )
-        self._fusecc_arg_names = list(sig.parameters)
+            if p.kind == p.VAR_KEYWORD:
+                self._fusecc_var_kw = p.name
+        self._fusecc_arg_names = [k for k, p in sig.parameters.items() if p.kind != p.VAR_KEYWORD]
         if isinstance(shared_inputs, bool):
-            self._fusecc_shared = set(self._fusecc_arg_names) if shared_inputs else set()
+            self._fusecc_shared = _AllNames() if shared_inputs else set()
         else:
             shared = set(shared_inputs)
-            unknown = shared - set(self._fusecc_arg_names)
+            unknown = shared - set(self._fusecc_arg_names) if self._fusecc_var_kw is None else set()
             if unknown:
                 raise ValueError(
                     f"fusecc.fuse: shared_inputs names {sorted(unknown)}, which {type(ref).__name__}.forward does not "
@@ -168,7 +200,11 @@ class FusedModule(nn.Module):
                 f"{list(sig.parameters)} (each tensor with a leading model dim of size {self.num_models}): {e}"
             ) from None
         bound.apply_defaults()
-        return list(bound.arguments.items())
+        out = list(bound.arguments.items())
+        if self._fusecc_var_kw is not None:  # **kwargs: each keyword is an argument of its own
+            extra = dict(out).get(self._fusecc_var_kw) or {}
+            out = [(k, v) for k, v in out if k != self._fusecc_var_kw] + sorted(extra.items())
+        return out
 
     def _ref_tensor(self) -> Optional[Tensor]:
         for t in self.parameters():
@@ -220,7 +256,10 @@ class FusedModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         entry, tensors = self._entry_for(args, kwargs)
-        return entry.fn(self, *tensors)
+        out = entry.fn(self, *tensors)
+        if entry.out_spec is not None:  # (a dynamo capture returns a flat list: the model's structure, rebuilt)
+            out = tree_unflatten(out, entry.out_spec)
+        return out
 
     # ------------------------------------------------------------------ compiling
     # under torch.compile(fused), fusecc's own compile (trace, lower, tune) runs eagerly and dynamo traces its result.
@@ -229,13 +268,15 @@ class FusedModule(nn.Module):
     @torch._disable_dynamo
     def _compile(self, key: tuple, bound: List[Tuple[str, Any]]) -> Compiled:
         self._sync_prototype()
-        compiled = compile_fleet(self._fleet(), bound, self._fusecc_shared)
+        compiled = compile_fleet(self._fleet(), bound, self._fusecc_shared, self._fusecc_frontend)
+        if self._fusecc_frontend == "auto" and compiled.frontend != "fx":
+            self._fusecc_frontend = compiled.frontend  # torch.fx could not trace this model: do not try it again
         for name, t in compiled.constants.items():  # what the generated forward reads: the module holds it
             self.register_buffer(name, t, persistent=False)
             self._fusecc_traced_consts.append(name)
         for qual, template in compiled.templates.items():
             self._fusecc_templates.setdefault(qual, template)
-        self._fusecc_compiled[key] = compiled
+        self._fusecc_compiled.setdefault(key, []).append(compiled)
         return compiled
 
     def _sync_prototype(self) -> None:
@@ -284,7 +325,11 @@ class FusedModule(nn.Module):
         """The compiled forward for these inputs (compiling it if new), and the tensors it takes."""
         bound = self._bind(args, kwargs)
         key, tensors = self._signature(bound)
-        entry = self._fusecc_compiled.get(key)
+        entry = None
+        for cand in self._fusecc_compiled.get(key, ()):  # (several only where a capture holds for some sizes)
+            if cand.guard is None or cand.guard(tensors):
+                entry = cand
+                break
         if entry is None:
             # fusecc's own compile (fx trace, shape propagation, tuning) must not be recorded by torch.jit.trace
             tracing = torch._C._get_tracing_state()
@@ -330,7 +375,9 @@ class FusedModule(nn.Module):
         if rep is None:
             lines.append("  not compiled yet: compiles at the first call (or fused.compile_for(example_inputs))")
         else:
-            lines.append(f"  fused ops (compiled for {len(self._fusecc_compiled)} input signature(s); the last):")
+            count = sum(len(v) for v in self._fusecc_compiled.values())
+            lines.append(f"  fused ops (compiled for {count} input signature(s), captured by {rep_frontend(self)}; "
+                         "the last):")
             lines.append(rep.table())
         return "\n".join(lines)
 
@@ -445,6 +492,7 @@ def fuse(
     leaf_modules: Sequence[Any] = (),
     tune: bool = False,
     strict: bool = False,
+    frontend: str = "auto",
 ) -> FusedModule:
     """Fuse N models of one architecture that differ only in their weights into ONE module.
 
@@ -463,6 +511,10 @@ def fuse(
             Without it a built-in rule picks. ``print(fused)`` lists the choice per layer.
         strict: a layer with no fusion rule (which would otherwise run as a loop over the N models, with a warning)
             is a :class:`FusionError` naming the layer and the reason, raised when the module compiles.
+        frontend: how the models' code is captured as a graph (fusecc/frontends/): ``"fx"`` (torch.fx symbolic
+            tracing: shape-generic, keeps ``leaf_modules``), ``"dynamo"`` (torch._dynamo, torch.compile's capture:
+            Python control flow on sizes and configuration is resolved at capture and guarded; Hugging Face
+            transformers models), or ``"auto"``: torch.fx, and dynamo when torch.fx cannot trace the model.
 
     Returns:
         A :class:`FusedModule`. ``fused(x)`` with ``x`` of shape ``[N, B, ...]`` returns ``[N, B, ...]`` where
@@ -474,7 +526,8 @@ def fuse(
         fused = fusecc.fuse(models)
         y = fused(torch.randn(8, 4, 3, 64, 64))   # [8, 4, 10]
     """
-    fused = FusedModule(models, shared_inputs=shared_inputs, leaf_modules=leaf_modules, tune=tune, strict=strict)
+    fused = FusedModule(models, shared_inputs=shared_inputs, leaf_modules=leaf_modules, tune=tune, strict=strict,
+                        frontend=frontend)
     if example_inputs is not None:
         if isinstance(example_inputs, dict):
             fused.compile_for(**example_inputs)

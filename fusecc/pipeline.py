@@ -15,7 +15,7 @@ carries everything the module must hold to run the generated forward (its new co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch.fx as fx
 import torch.nn as nn
@@ -26,6 +26,7 @@ from .codegen import codegen, eliminate_dead_code
 from .epilogue import fuse_activations
 from .errors import FusionError, source_line
 from .fleet import Fleet
+from .frontends.dynamo import ShapeGuard
 from .report import Report
 from .rewrite import Rewriter
 from .shape_prop import shape_prop
@@ -41,14 +42,16 @@ class Compiled:
     report: Report
     constants: Dict[str, Tensor] = field(default_factory=dict)  # buffers the forward reads, to register
     templates: Dict[str, nn.Module] = field(default_factory=dict)  # modules the fallback loop runs, by qualname
+    frontend: str = "fx"  # the frontend that captured the graph
+    out_spec: Any = None  # the forward returns a flat list, rebuilt with this pytree spec (None: as it returns)
+    guard: Optional[Callable[[Sequence[Tensor]], bool]] = None  # False: these input sizes need a new capture
 
 
 def compile_fleet(fleet: Fleet, arguments: Sequence[Tuple[str, Any]], shared: Set[str],
-                  frontend: str = "fx") -> Compiled:
+                  frontend: str = "auto") -> Compiled:
     """Compile the fused forward of ``fleet`` for one call's ``arguments`` (name, value): tensors carry a leading
-    model dim, except those named in ``shared``; Python constants are specialised."""
-    concrete = {name: v for name, v in arguments if not isinstance(v, Tensor)}
-    gm = frontends.capture(frontend, fleet.prototype, concrete, fleet.leaf_modules)
+    model dim, except those named in ``shared``; Python constants are specialised. ``frontend``: "fx", "dynamo",
+    or "auto" (torch.fx, then dynamo if torch.fx cannot trace the model)."""
     examples: List[Any] = []
     inputs: List[Tuple[str, Any]] = []  # per placeholder: ("tensor", layout) or ("const", value)
     for name, v in arguments:
@@ -58,23 +61,45 @@ def compile_fleet(fleet: Fleet, arguments: Sequence[Tuple[str, Any]], shared: Se
         else:
             examples.append(v)
             inputs.append(("const", v))
+    per_model = [(name, e) for (name, _), e in zip(arguments, examples)]
+    gm, frontend = _capture(fleet, per_model, frontend)
     shape_prop(gm, examples)
     rewriter = Rewriter(fleet, gm)
     try:
         graph = rewriter.run(inputs)
     except FusionError as e:
-        raise _with_source_line(e, fleet, concrete, frontend) from e.__cause__
+        raise _with_source_line(e, fleet, per_model, frontend) from e.__cause__
     fuse_activations(graph, fleet.prototype, rewriter.report)
     eliminate_dead_code(graph)
-    return Compiled(codegen(graph, fleet.source), graph, rewriter.report, rewriter.new_constants, rewriter.templates)
+    guard_expr = gm.meta.get("fusecc_guard")
+    guard = None
+    if guard_expr:
+        guard = ShapeGuard(guard_expr, [name not in shared for name, v in arguments if isinstance(v, Tensor)])
+    return Compiled(codegen(graph, fleet.source), graph, rewriter.report, rewriter.new_constants, rewriter.templates,
+                    frontend, gm.meta.get("fusecc_out_spec"), guard)
 
 
-def _with_source_line(err: FusionError, fleet: Fleet, concrete: Dict[str, Any], frontend: str) -> FusionError:
+def _capture(fleet: Fleet, per_model: Sequence[Tuple[str, Any]], frontend: str) -> Tuple[fx.GraphModule, str]:
+    """The captured graph and the frontend that made it (auto: torch.fx, else dynamo, saying why in a warning
+    only if dynamo fails too)."""
+    if frontend != "auto":
+        return frontends.capture(frontend, fleet.prototype, per_model, fleet.leaf_modules), frontend
+    try:
+        return frontends.capture("fx", fleet.prototype, per_model, fleet.leaf_modules), "fx"
+    except FusionError as fx_error:
+        try:
+            return frontends.capture("dynamo", fleet.prototype, per_model, fleet.leaf_modules), "dynamo"
+        except FusionError as dyn_error:
+            raise FusionError(f"{fx_error}\n\nand the dynamo frontend failed too:\n{dyn_error}") from dyn_error
+
+
+def _with_source_line(err: FusionError, fleet: Fleet, per_model: Sequence[Tuple[str, Any]], frontend: str
+                      ) -> FusionError:
     """Capture again with stack traces (costly, so only now) to add the user's source line to a rewrite error."""
     name = getattr(err, "node_name", None)
-    if not name:
+    if not name or frontend != "fx":  # (dynamo records every node's source line anyway)
         return err
-    gm = frontends.capture(frontend, fleet.prototype, concrete, fleet.leaf_modules, stack_traces=True)
+    gm = frontends.capture(frontend, fleet.prototype, per_model, fleet.leaf_modules, stack_traces=True)
     node = next((nd for nd in gm.graph.nodes if nd.name == name), None)
     line = source_line(node) if node is not None else None
     return type(err)(f"{err}\n  at {line}") if line else err

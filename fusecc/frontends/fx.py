@@ -90,8 +90,9 @@ def _user_frame(exc: BaseException) -> str:
 
 
 def capture(
-    model: nn.Module, concrete_args: Dict[str, Any], leaf_modules: Sequence[Any], stack_traces: bool = False
+    model: nn.Module, arguments: Sequence[Tuple[str, Any]], leaf_modules: Sequence[Any], stack_traces: bool = False
 ) -> fx.GraphModule:
+    concrete_args = {name: v for name, v in arguments if not isinstance(v, torch.Tensor)}
     types = tuple(t for t in leaf_modules if isinstance(t, type))
     names = [t for t in leaf_modules if isinstance(t, str)]
     tracer = FuseTracer(types, names, stack_traces)
