@@ -19,5 +19,7 @@ setup(
     # 2.14 (CI) and 2.11 (the GPU machine's; bench/gpu_check.py installs fusecc there with --no-deps)
     install_requires=["torch>=2.11", "numpy", "safetensors>=0.4", "tqdm"],
     entry_points={"console_scripts": ["fusecc = fusecc.cli:main"]},
-    extras_require={"dev": ["pytest", "expecttest", "torchvision==0.29.1"], "bench": ["torchvision==0.29.1"]},
+    # transformers: Hugging Face fleets (fuse() takes the models without it; the CLI's checkpoint loading needs it)
+    extras_require={"dev": ["pytest", "expecttest", "torchvision==0.29.1", "transformers>=5", "timm"],
+                    "bench": ["torchvision==0.29.1", "transformers>=5"], "hf": ["transformers>=5"]},
 )

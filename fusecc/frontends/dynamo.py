@@ -89,6 +89,9 @@ class _Sizes:
     def dim(self) -> int:
         return len(self._size)
 
+    def storage_offset(self) -> int:
+        return 0
+
 
 # the size queries dynamo writes as aten calls, written as the tensor methods the rules know
 _AS_METHOD = {torch.ops.aten.sym_size.int: "size", torch.ops.aten.sym_size.default: "size",
@@ -245,4 +248,5 @@ def _guard(fake_inputs: List[Any]) -> Optional[str]:
     shape_env = getattr(mode, "shape_env", None)
     if shape_env is None:
         return None
-    return shape_env.produce_guards_expression(fake_inputs) or None
+    # ignore_static=False: the specialised sizes (an image's resolution) are conditions too
+    return shape_env.produce_guards_expression(fake_inputs, ignore_static=False) or None

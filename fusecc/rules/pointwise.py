@@ -104,6 +104,36 @@ def fuse_elementwise(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     return ctx.out(new, layout)
 
 
+# ``x += y`` as dynamo (and torch.fx) record it: on a tensor, the in-place method
+_INPLACE_OPERATORS = {
+    operator.iadd: "add_", operator.isub: "sub_", operator.imul: "mul_", operator.itruediv: "div_",
+    operator.ifloordiv: "floor_divide_", operator.imod: "remainder_", operator.ipow: "pow_",
+    operator.iand: "bitwise_and_", operator.ior: "bitwise_or_", operator.ixor: "bitwise_xor_",
+}
+
+
+class _AsMethod:
+    """The node being rewritten, seen as a call of the in-place tensor method (what the element-wise rule reads)."""
+
+    op = "call_method"
+
+    def __init__(self, node: fx.Node, target: str):
+        self.target = target
+        self.name = node.name
+        self.meta = node.meta
+
+
+@register_rule(*_INPLACE_OPERATORS)
+def fuse_inplace_operator(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
+    x = args[0]
+    if not (isinstance(x, Value) and x.is_tensor):  # a Python number: ``n += 1`` rebinds, as ``n + 1``
+        op = getattr(operator, node.target.__name__[1:] if node.target.__name__ != "iand" else "and_")
+        if node.target in (operator.ior, operator.ixor):
+            op = {operator.ior: operator.or_, operator.ixor: operator.xor}[node.target]
+        return ctx.out(ctx.call(op, *args, **kwargs), None)
+    return fuse_elementwise(ctx, _AsMethod(node, _INPLACE_OPERATORS[node.target]), args, kwargs)
+
+
 @register_rule(*ELEMENTWISE_MODULES)
 def fuse_activation_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     """A parameter-free element-wise module: call it on the fused tensor as it is (its layout is kept)."""

@@ -69,7 +69,7 @@ class Form:
     """One way a registry entry is exercised: ``kind`` is function / method / inplace / operator."""
 
     entry: str  # the registry entry's name (``torch.add``, ``F.relu``, ``Tensor.add_``, ``operator.add``)
-    kind: str
+    kind: str  # (or inplace_operator: ``operator.iadd``, the ``x += y`` form)
     target: Any  # the callable (function, operator) or the method name
     adapter: Optional[Callable[..., Any]] = None  # (target, args, kwargs) -> result, where the OpInfo's order differs
 
@@ -115,6 +115,8 @@ def forms_of(opinfo: Any) -> Iterator[Tuple[str, Any]]:
             yield "inplace", _name_of(h.inplace_variant)
     if getattr(opinfo, "operator_variant", None) is not None:
         yield "operator", opinfo.operator_variant
+    if getattr(opinfo, "inplace_operator_variant", None) is not None:  # ``x += y``
+        yield "inplace_operator", opinfo.inplace_operator_variant
 
 
 def _swap01(f: Callable[..., Any], a: Sequence[Any], k: Dict[str, Any]) -> Any:
@@ -150,6 +152,8 @@ EXTRA: Dict[str, List[Tuple[str, str, Optional[Callable[..., Any]]]]] = {
     "operator.truediv": [("div.no_rounding_mode", "operator", None)],
     "operator.floordiv": [("floor_divide", "operator", None)],
     "operator.pos": [("positive", "operator", None)],
+    "operator.itruediv": [("div.no_rounding_mode", "inplace_operator", None)],
+    "operator.ifloordiv": [("floor_divide", "inplace_operator", None)],
     "torch._C._nn.elu_": [("nn.functional.elu", "function", None)],
     "torch._C._nn.hardtanh_": [("nn.functional.hardtanh", "function", None)],
     "torch._C._nn.leaky_relu_": [("nn.functional.leaky_relu", "function", None)],
@@ -261,7 +265,8 @@ def coverage() -> Dict[str, List[Tuple[Any, Form]]]:
                 except TypeError:
                     name = None
                 if name is not None:
-                    cov[name].append((o, Form(name, "operator" if kind == "operator" else "function", t)))
+                    cov[name].append((o, Form(name, kind if kind in ("operator", "inplace_operator") else "function",
+                                              t)))
     for name, uses in EXTRA.items():
         if name in cov:
             for oname, kind, adapter in uses:
@@ -576,9 +581,9 @@ def samples_of(opinfo: Any, form: Form, max_samples: Optional[int] = MAX_SAMPLES
     out = []
     try:
         for s in opinfo.sample_inputs("cpu", dt, requires_grad=False):
-            if form.kind == "inplace" and getattr(s, "broadcasts_input", False):
+            if form.kind in ("inplace", "inplace_operator") and getattr(s, "broadcasts_input", False):
                 continue  # the in-place form cannot write a broadcast result into its input
-            if form.kind == "operator" and (s.kwargs or len(s.args) > 1):
+            if form.kind in ("operator", "inplace_operator") and (s.kwargs or len(s.args) > 1):
                 continue  # operator.add(a, b) takes no keywords
             out.append(s)
             if len(out) == max_samples:
