@@ -16,16 +16,25 @@ def _fmt(v: Any) -> str:
     return repr(v)
 
 
+# what says where a model came from, not what it computes: a Hugging Face model's checkpoint path and the
+# provenance fields of its config (label names too: fine-tunes of one architecture name their classes as they like)
+PROVENANCE = {"name_or_path", "_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset",
+              "torch_dtype", "dtype", "id2label", "label2id", "finetuning_task", "_is_quantized"}
+
+
 def config_of(mod: nn.Module) -> dict:
     """The non-tensor configuration of one module (its own attributes: stride, p, eps, ...)."""
     return {
         k: v
         for k, v in vars(mod).items()
-        if not k.startswith("_") and k != "training" and not isinstance(v, (Tensor, nn.Module))
+        if not k.startswith("_") and k != "training" and k not in PROVENANCE and not isinstance(v, (Tensor, nn.Module))
     }
 
 
 def _same(a: Any, b: Any) -> bool:
+    if type(a) is type(b) and callable(getattr(a, "to_dict", None)) and hasattr(a, "model_type"):  # an HF config
+        da, db = a.to_dict(), b.to_dict()
+        return all(da.get(k) == db.get(k) for k in set(da) | set(db) if k not in PROVENANCE)
     try:
         r = a == b
         if isinstance(r, bool):

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .check import PROVENANCE
 from .errors import first_line, strip_ansi
 
 
@@ -152,3 +153,89 @@ def load_fleet(arch: str, arch_kwargs: Optional[Dict[str, Any]] = None, weights:
         for _ in wrap(range(num_models)):
             models.append(build_model(factory, label, kwargs))
     return models
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+
+
+
+def hf_configs_agree(configs: Sequence[Any], dirs: Sequence[str]) -> None:
+    """Raise a CheckpointError naming the first field in which a config differs from the first one (the models of a
+    fleet must be one architecture: the same class and every architectural field equal; label names may differ)."""
+    ref = configs[0].to_dict()
+    for cfg, d in zip(configs[1:], dirs[1:]):
+        other = cfg.to_dict()
+        for key in sorted(set(ref) | set(other)):
+            if key in PROVENANCE:
+                continue
+            if ref.get(key) != other.get(key):
+                raise CheckpointError(
+                    f"{d!r} is not the architecture of {dirs[0]!r}: config field {key!r} is {other.get(key)!r} there "
+                    f"and {ref.get(key)!r} in {dirs[0]!r}; a fleet is N models of one architecture that differ only "
+                    "in their weights")
+
+
+def load_hf_fleet(dirs: Sequence[str], on_each: Optional[Callable[[Sequence[Any]], Sequence[Any]]] = None
+                  ) -> List[nn.Module]:
+    """The N models of a fleet of Hugging Face checkpoints (directories written by ``save_pretrained``: config.json
+    and model.safetensors), read locally (never a download), after checking that their configs agree."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise CheckpointError("--hf needs the transformers package (pip install transformers)") from e
+    configs = []
+    for d in dirs:
+        if not os.path.isdir(d):
+            raise CheckpointError(f"Hugging Face checkpoint {d!r} is not a directory (expected one written by "
+                                  "save_pretrained: config.json + model.safetensors)")
+        if not os.path.isfile(os.path.join(d, "config.json")):
+            raise CheckpointError(f"Hugging Face checkpoint {d!r} has no config.json")
+        try:
+            configs.append(transformers.AutoConfig.from_pretrained(d, local_files_only=True))
+        except Exception as e:
+            raise CheckpointError(f"Hugging Face checkpoint {d!r}: config.json does not load: {type(e).__name__}: "
+                                  f"{first_line(e)}") from e
+    hf_configs_agree(configs, dirs)
+    archs = getattr(configs[0], "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        raise CheckpointError(f"Hugging Face checkpoint {dirs[0]!r}: config.json names no model class transformers "
+                              f"{transformers.__version__} has (architectures: {archs})")
+    wrap = on_each or (lambda items: items)
+    models = []
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # (one bar per checkpoint's tensors: the caller has its own)
+    try:
+        for d in wrap(list(dirs)):
+            try:
+                models.append(cls.from_pretrained(d, local_files_only=True))
+            except Exception as e:
+                raise CheckpointError(f"Hugging Face checkpoint {d!r} does not load as {cls.__name__}: "
+                                      f"{type(e).__name__}: {first_line(e)}") from e
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    return models
+
+
+def hf_example_inputs(model: nn.Module, n: int, shape: Sequence[int], shared: bool, seed: int = 0
+                      ) -> Dict[str, Tensor]:
+    """Example keyword inputs for a transformers model: ``input_ids`` of per-model shape ``shape`` (batch, sequence)
+    with random tokens and an ``attention_mask`` that pads each model's rows differently, or ``pixel_values`` of
+    ``shape`` for a vision model. A leading N unless ``shared``."""
+    gen = torch.Generator().manual_seed(seed)
+    lead = () if shared else (n,)
+    name = getattr(model, "main_input_name", "input_ids")
+    if name != "input_ids":
+        return {name: torch.randn(lead + tuple(shape), generator=gen)}
+    if len(shape) != 2:
+        raise CheckpointError(f"--example-input for a text model is its token ids' shape: batch,sequence (e.g. 4,128); "
+                              f"got {','.join(map(str, shape))}")
+    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    ids = torch.randint(0, vocab, lead + tuple(shape), generator=gen)
+    mask = torch.ones_like(ids)
+    b, s = shape
+    if s > 1:  # padding at the end of some rows, different per model
+        pads = torch.randint(0, max(1, s // 2), lead + (b,), generator=gen)
+        mask = (torch.arange(s) < (s - pads)[..., None]).long()
+    return {"input_ids": ids, "attention_mask": mask}

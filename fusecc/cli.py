@@ -4,6 +4,7 @@
            --weights ft/*.pt --example-input 4,3,224,224 --format torchscript -o fleet.pt
     fusecc inspect --arch torchvision.models:resnet18 --num-models 8 --example-input 4,3,64,64
     fusecc bench --arch torchvision.models:resnet18 --num-models 8 --example-input 4,3,64,64
+    fusecc export --hf ft/bert-*/ --example-input 4,128 --format pt2 -o bert-fleet.pt2   # save_pretrained dirs
 
 Exit status: 0 success, 1 a bad input or a failed export (one line on stderr naming the culprit), 2 a usage error.
 This module only parses arguments and reports: loading the models (fusecc/checkpoints.py), fusing, exporting
@@ -26,9 +27,9 @@ from torch import Tensor
 
 from .api import FusedModule, fuse
 from .benchmark import compare
-from .checkpoints import CheckpointError, load_fleet
+from .checkpoints import CheckpointError, hf_example_inputs, load_fleet, load_hf_fleet
 from .errors import FusionError, first_line
-from .export import FORMATS, SUFFIX, atomic_path, export, load
+from .export import FORMATS, SUFFIX, artifact_inputs, atomic_path, dynamic_dims, export, load
 from .memory import activation_peak
 from .model_repository import write_triton_repo
 from .verify import VerificationError, check_outputs
@@ -116,10 +117,14 @@ class Progress:
 
 def build_models(args: argparse.Namespace, progress: Progress) -> List[nn.Module]:
     torch.manual_seed(args.seed)
-    what = f"loading {len(args.weights)} checkpoints" if args.weights else f"initialising {args.num_models} models"
+    what = f"loading {len(args.weights or args.hf)} checkpoints" if args.weights or args.hf else \
+        f"initialising {args.num_models} models"
     try:
-        models = load_fleet(args.arch, args.arch_kwargs, args.weights or (), args.num_models or 0,
-                            on_each=lambda items: progress.bar(items, what), label=f"--arch {args.arch}")
+        if args.hf:
+            models = load_hf_fleet(args.hf, on_each=lambda items: progress.bar(items, what))
+        else:
+            models = load_fleet(args.arch, args.arch_kwargs, args.weights or (), args.num_models or 0,
+                                on_each=lambda items: progress.bar(items, what), label=f"--arch {args.arch}")
     except CheckpointError as e:
         raise CLIError(str(e)) from e
     try:
@@ -129,8 +134,25 @@ def build_models(args: argparse.Namespace, progress: Progress) -> List[nn.Module
         raise CLIError(f"--device {args.device}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
-def example_inputs(args: argparse.Namespace, n: int) -> Tuple[Tensor, ...]:
-    """Random fused inputs: ``[N, *shape]`` per model, or ``[*shape]`` with --shared-input."""
+def example_inputs(args: argparse.Namespace, models: List[nn.Module], shape_index: int = 0) -> Any:
+    """Random fused inputs: ``[N, *shape]`` per model, or ``[*shape]`` with --shared-input. A Hugging Face fleet
+    takes keywords: token ids of shape --example-input (batch,sequence) and per-model attention masks, or pixel
+    values. ``shape_index`` 1: a second shape (one more row, one token fewer) to check a dynamic artifact."""
+    n = len(models)
+    if args.hf:
+        if len(args.example_input) != 1:
+            raise CLIError("--hf takes one --example-input: the token ids' batch,sequence (or the pixel values' shape)")
+        shape = list(args.example_input[0])
+        if shape_index:
+            shape[0] += 1
+            if len(shape) == 2 and shape[1] > 2:
+                shape[1] -= 1
+        try:
+            inputs = hf_example_inputs(models[0], n, shape, args.shared_input, args.seed + shape_index)
+        except CheckpointError as e:
+            raise CLIError(str(e)) from e
+        return {k: v.to(args.device) if not v.is_floating_point() else v.to(args.device, DTYPES[args.dtype])
+                for k, v in inputs.items()}
     gen = torch.Generator().manual_seed(args.seed)
     out = []
     for shape in args.example_input:
@@ -139,16 +161,27 @@ def example_inputs(args: argparse.Namespace, n: int) -> Tuple[Tensor, ...]:
     return tuple(out)
 
 
-def fuse_models(models: List[nn.Module], args: argparse.Namespace, inputs: Tuple[Tensor, ...],
-                progress: Progress) -> FusedModule:
-    progress.say(f"tracing and fusing {len(models)} models")
+def _source(args: argparse.Namespace) -> str:
+    return f"--hf {args.hf[0]}" + (" ..." if len(args.hf) > 1 else "") if args.hf else f"--arch {args.arch}"
+
+
+def _shapes(inputs: Any) -> str:
+    tensors = [t for t in (inputs.values() if isinstance(inputs, dict) else inputs) if isinstance(t, Tensor)]
+    return " ".join("x".join(map(str, t.shape)) for t in tensors)
+
+
+def fuse_models(models: List[nn.Module], args: argparse.Namespace, inputs: Any, progress: Progress) -> FusedModule:
+    progress.say(f"capturing and fusing {len(models)} models")
     try:
         fused = fuse(models, shared_inputs=args.shared_input, tune=args.tune).eval()
-        fused.compile_for(*inputs)
+        if isinstance(inputs, dict):
+            fused.compile_for(**inputs)
+        else:
+            fused.compile_for(*inputs)
     except FusionError as e:
-        raise CLIError(f"cannot fuse --arch {args.arch}: " + " ".join(str(e).split("\n")[:2])) from e
+        raise CLIError(f"cannot fuse {_source(args)}: " + " ".join(str(e).split("\n")[:2])) from e
     except (ValueError, TypeError, RuntimeError) as e:
-        raise CLIError(f"cannot run --arch {args.arch} on --example-input "
+        raise CLIError(f"cannot run {_source(args)} on --example-input "
                        f"{' '.join(','.join(map(str, s)) for s in args.example_input)}: "
                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     return fused
@@ -182,36 +215,51 @@ def cmd_export(args: argparse.Namespace, progress: Progress) -> int:
             raise CLIError(f"--triton-repo {args.triton_repo!r}: cannot create it: {e.strerror}") from e
         _check_writable(os.path.join(args.triton_repo, "model.pt"), "--triton-repo")
     models = build_models(args, progress)
-    inputs = example_inputs(args, len(models))
+    inputs = example_inputs(args, models)
     fused = fuse_models(models, args, inputs, progress)
+    dynamic = bool(args.hf)
     progress.say(f"exporting {args.format} to {out}" + (" (AOTInductor compiles C++: a minute or more)"
-                                                       if args.format == "aoti" else ""))
+                                                       if args.format == "aoti" else "")
+                 + (" with a dynamic batch size and sequence length" if dynamic else ""))
+    tensors = artifact_inputs(fused, inputs)
     # written to a temporary file, verified there, renamed onto `out` only when it passed: a failed export or a
     # failed check leaves whatever was at `out` before
     with atomic_path(out, SUFFIX[args.format]) as tmp:
         try:
-            export(fused, inputs, tmp, args.format)
+            export(fused, inputs, tmp, args.format, dynamic=dynamic)
         except Exception as e:
             raise CLIError(f"export as {args.format} failed: {type(e).__name__}: {first_line(e)}") from e
         progress.say("verifying: loading the artifact back and comparing with the models run one by one")
         try:
             artifact = load(tmp, args.format)
             with torch.no_grad():
-                got = artifact(*inputs)
+                got = artifact(*tensors)
         except Exception as e:
             raise CLIError(f"the exported {args.format} artifact does not load and run (not written): "
                            f"{type(e).__name__}: {first_line(e)}") from e
+        checks = [(inputs, got)]
+        if dynamic:  # a second batch size and sequence length: the artifact must not be specialised to the first
+            other = example_inputs(args, models, shape_index=1)
+            try:
+                with torch.no_grad():
+                    checks.append((other, artifact(*artifact_inputs(fused, other))))
+            except Exception as e:
+                raise CLIError(f"the exported {args.format} artifact does not run at a second size "
+                               f"({_shapes(other)}; not written): {type(e).__name__}: {first_line(e)}") from e
         try:
-            err = check_outputs(got, models, inputs, args.shared_input, what=f"the exported {args.format} artifact")
+            err = max(check_outputs(g, models, i, args.shared_input, what=f"the exported {args.format} artifact "
+                                    f"at {_shapes(i)}") for i, g in checks)
         except VerificationError as e:
             raise CLIError(f"verification failed (not written): {e}") from e
         size = os.path.getsize(tmp)
-    print(f"wrote {out} ({args.format}, {_mib(size)}, {len(models)} models, input "
-          f"{' '.join('x'.join(map(str, t.shape)) for t in inputs)}); verified against the {len(models)} models run "
-          f"one by one: max error {err:.2e} x max|output|")
+    print(f"wrote {out} ({args.format}, {_mib(size)}, {len(models)} models, input {_shapes(inputs)}"
+          + (", batch and sequence dynamic" if dynamic else "") + f"); verified against the {len(models)} models "
+          f"run one by one{' at ' + ' and '.join(_shapes(i) for i, _ in checks) if dynamic else ''}: "
+          f"max error {err:.2e} x max|output|")
     if args.triton_repo:
         entry = write_triton_repo(args.triton_repo, args.name or os.path.splitext(os.path.basename(out))[0], out,
-                                  inputs, got)
+                                  tensors, got, dynamic_dims(fused, tensors) if dynamic else None,
+                                  checks[1][1] if dynamic else None)
         print(f"wrote Triton model repository entry {entry} (config.pbtxt, 1/model.pt)")
     return 0
 
@@ -226,20 +274,22 @@ def _mib(b: float) -> str:
 
 def cmd_inspect(args: argparse.Namespace, progress: Progress) -> int:
     models = build_models(args, progress)
-    inputs = example_inputs(args, len(models))
+    inputs = example_inputs(args, models)
     fused = fuse_models(models, args, inputs, progress)
     rep = fused.fusion_report
     n = len(models)
     per_model = sum(p.numel() for p in models[0].parameters())
     weights = sum(t.numel() * t.element_size() for t in list(fused.parameters()) + list(fused.buffers()))
-    inp = sum(t.numel() * t.element_size() for t in inputs)
+    tensors = artifact_inputs(fused, inputs)
+    inp = sum(t.numel() * t.element_size() for t in tensors)
     try:
         act = activation_peak(fused, inputs)
     except Exception:  # an estimate only: never fail inspect on it
         act = -1
-    shape = " ".join("x".join(map(str, t.shape)) for t in inputs)
-    print(f"{args.arch} x {n} models, {'shared input' if args.shared_input else 'one input per model'} {shape}, "
-          f"{args.dtype} on {args.device}")
+    what = f"{type(models[0]).__name__} ({args.hf[0]} ...)" if args.hf else args.arch
+    print(f"{what} x {n} models, {'shared input' if args.shared_input else 'one input per model'} "
+          f"{_shapes(inputs)}, {args.dtype} on {args.device}; captured by "
+          f"{'torch._dynamo' if fused._fusecc_last.frontend == 'dynamo' else 'torch.fx'}")
     print()
     print(f"{'layer kind':<24} {'fused':>5}  how")
     print(f"{'-' * 24} {'-' * 5}  {'-' * 50}")
@@ -260,15 +310,18 @@ def cmd_inspect(args: argparse.Namespace, progress: Progress) -> int:
 
 def cmd_bench(args: argparse.Namespace, progress: Progress) -> int:
     models = build_models(args, progress)
-    inputs = example_inputs(args, len(models))
+    inputs = example_inputs(args, models)
     fused = fuse_models(models, args, inputs, progress)
     rows = compare(models, fused, inputs, args.shared_input, args.repeat, args.warmup,
                    rounds=lambda r: progress.bar(r, "timing"))
     loop_ms = next(r.median_ms for r in rows if r.provider == "loop")
-    print(f"{args.arch} x {len(models)} models, input {' '.join('x'.join(map(str, t.shape)) for t in inputs)}, "
+    print(f"{_source(args)[2:]} x {len(models)} models, input {_shapes(inputs)}, "
           f"{args.dtype} on {args.device}, {torch.get_num_threads()} threads, median of {args.repeat}")
     print(f"{'provider':<8} {'ms':>10} {'vs loop':>8} {'max error':>10}")
     for r in rows:
+        if r.note:
+            print(f"{r.provider:<8} {r.note}")
+            continue
         print(f"{r.provider:<8} {r.median_ms:>10.2f} {loop_ms / r.median_ms:>7.2f}x {r.rel_error:>10.1e}")
     return 0
 
@@ -282,8 +335,9 @@ class _UsageError(Exception):
 
 
 def _common(p: argparse.ArgumentParser, need_input: bool = True) -> None:
-    p.add_argument("--arch", required=True, type=_arch, metavar="MODULE:CALLABLE",
-                   help="a callable returning the nn.Module, e.g. torchvision.models:resnet18 or models.py:build")
+    p.add_argument("--arch", type=_arch, metavar="MODULE:CALLABLE",
+                   help="a callable returning the nn.Module, e.g. torchvision.models:resnet18 or models.py:build "
+                        "(with --weights or --num-models)")
     p.add_argument("--arch-kwargs", type=_json_object, default=None, metavar="JSON",
                    help="keyword arguments for the callable, as a JSON object")
     src = p.add_mutually_exclusive_group(required=True)
@@ -291,8 +345,12 @@ def _common(p: argparse.ArgumentParser, need_input: bool = True) -> None:
                      help="one checkpoint per model, in order (.pt/.pth via torch.load(weights_only=True), "
                           ".safetensors)")
     src.add_argument("--num-models", type=_positive, metavar="N", help="N randomly initialised models, no weights")
+    src.add_argument("--hf", nargs="+", metavar="DIR",
+                     help="one Hugging Face checkpoint per model (directories written by save_pretrained: config.json "
+                          "+ model.safetensors; their configs must agree); no --arch")
     p.add_argument("--example-input", type=_shape, action="append", required=need_input, metavar="SHAPE",
-                   help="per-model input shape, e.g. 4,3,224,224 (repeat for a model with several inputs)")
+                   help="per-model input shape, e.g. 4,3,224,224 (repeat for a model with several inputs); with --hf "
+                        "the token ids' batch,sequence, e.g. 4,128")
     p.add_argument("--shared-input", action="store_true",
                    help="every model reads the same input (no leading model dim on the inputs)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
@@ -335,6 +393,12 @@ COMMANDS = {"export": cmd_export, "inspect": cmd_inspect, "bench": cmd_bench}
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.hf and args.arch:
+        parser.error("--hf reads the architecture from the checkpoints' config.json: give --arch or --hf, not both")
+    if not args.hf and not args.arch:
+        parser.error("the following arguments are required: --arch (or --hf DIR ...)")
+    if args.hf and args.arch_kwargs:
+        parser.error("--arch-kwargs goes with --arch; --hf reads the configuration from config.json")
     progress = Progress(args.quiet)
     try:
         return COMMANDS[args.command](args, progress)

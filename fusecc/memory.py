@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Dict, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -10,14 +10,14 @@ from torch import Tensor
 from .api import FusedModule
 
 
-def activation_peak(fused: FusedModule, inputs: Tuple[Tensor, ...]) -> int:
+def activation_peak(fused: FusedModule, inputs: Union[Tuple[Tensor, ...], Dict[str, Any]]) -> int:
     """Peak bytes of live intermediate tensors in one fused forward (inference), from the fused graph's shapes and
     each value's last use (an estimate: aliasing views are counted as new tensors)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx import GraphModule
     from torch.fx.passes.shape_prop import ShapeProp
 
-    entry, tensors = fused._entry_for(inputs, {})
+    entry, tensors = fused._entry_for((), inputs) if isinstance(inputs, dict) else fused._entry_for(inputs, {})
     gm = GraphModule(fused, entry.graph)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
         ShapeProp(gm, fake_mode=mode).propagate(*[mode.from_tensor(t) for t in tensors])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -20,21 +20,40 @@ _TYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16", torch.bfloat16
           torch.float64: "TYPE_FP64", torch.int64: "TYPE_INT64", torch.int32: "TYPE_INT32", torch.bool: "TYPE_BOOL"}
 
 
-def triton_config(name: str, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> str:
-    """config.pbtxt for the libtorch backend: INPUT__i / OUTPUT__i with their dtypes and fixed dims."""
+def triton_config(name: str, inputs: Sequence[Tensor], outputs: Sequence[Tensor],
+                  dynamic: Optional[Sequence[Sequence[int]]] = None,
+                  dynamic_out: Optional[Sequence[Sequence[int]]] = None) -> str:
+    """config.pbtxt for the libtorch backend: INPUT__i / OUTPUT__i with their dtypes and dims; the dims listed in
+    ``dynamic`` (per input) and ``dynamic_out`` (per output) are -1."""
 
-    def block(kind: str, tensors: Sequence[Tensor]) -> str:
-        rows = [f'  {{ name: "{kind.upper()}__{i}" data_type: {_TYPES[t.dtype]} '
-                f'dims: [ {", ".join(str(d) for d in t.shape)} ] }}' for i, t in enumerate(tensors)]
+    def block(kind: str, tensors: Sequence[Tensor], var: Sequence[Sequence[int]]) -> str:
+        rows = []
+        for i, t in enumerate(tensors):
+            dims = [-1 if d in var[i] else s for d, s in enumerate(t.shape)]
+            rows.append(f'  {{ name: "{kind.upper()}__{i}" data_type: {_TYPES[t.dtype]} '
+                        f'dims: [ {", ".join(str(d) for d in dims)} ] }}')
         return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
 
+    var_in = [list(v) for v in dynamic] if dynamic else [[] for _ in inputs]
+    var_out = [list(v) for v in dynamic_out] if dynamic_out else [[] for _ in outputs]
     return (f'name: "{name}"\nplatform: "pytorch_libtorch"\nmax_batch_size: 0\n'
-            + block("input", inputs) + block("output", outputs))
+            + block("input", inputs, var_in) + block("output", outputs, var_out))
 
 
-def write_triton_repo(repo: str, name: str, artifact: str, inputs: Sequence[Tensor], outputs: Any) -> str:
+def varying_dims(outs: Sequence[Tensor], other: Any) -> Optional[list]:
+    """Per output, the dims whose size differs in ``other`` (the same outputs at another input size)."""
+    if other is None:
+        return None
+    others = [t for t in tree_flatten(other)[0] if isinstance(t, Tensor)]
+    return [[d for d in range(a.dim()) if a.shape[d] != b.shape[d]] for a, b in zip(outs, others)]
+
+
+def write_triton_repo(repo: str, name: str, artifact: str, inputs: Sequence[Tensor], outputs: Any,
+                      dynamic: Optional[Sequence[Sequence[int]]] = None, other_outputs: Any = None) -> str:
     """Write ``repo/name/{config.pbtxt, 1/model.pt}`` (each file atomically) for a TorchScript ``artifact`` whose
-    example inputs and outputs (any structure of tensors) are given; returns the entry's folder."""
+    example inputs and outputs (any structure of tensors) are given; returns the entry's folder. A dynamic artifact
+    gives the dims of its inputs that vary (``dynamic``) and its outputs at a second size (``other_outputs``): the
+    output dims that differ between the two are the variable ones."""
     outs = [t for t in tree_flatten(outputs)[0] if isinstance(t, Tensor)]
     version = os.path.join(repo, name, "1")
     os.makedirs(version, exist_ok=True)
@@ -42,5 +61,5 @@ def write_triton_repo(repo: str, name: str, artifact: str, inputs: Sequence[Tens
         shutil.copyfile(artifact, tmp)
     with atomic_path(os.path.join(repo, name, "config.pbtxt")) as tmp:
         with open(tmp, "w") as f:
-            f.write(triton_config(name, inputs, outs))
+            f.write(triton_config(name, inputs, outs, dynamic, varying_dims(outs, other_outputs)))
     return os.path.join(repo, name)

@@ -27,8 +27,12 @@ def run_each(models: Sequence[nn.Module], inputs: Sequence[Any], shared: bool = 
     stacked on a leading model dim, in the structure the models return. Under no_grad unless ``grad`` (the tests
     compare gradients through it)."""
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        outs = [m(*(inputs if shared else tuple(x[i] if isinstance(x, Tensor) else x for x in inputs)))
-                for i, m in enumerate(models)]
+        if isinstance(inputs, dict):  # keyword inputs (a transformers fleet)
+            outs = [m(**(inputs if shared else {k: x[i] if isinstance(x, Tensor) else x for k, x in inputs.items()}))
+                    for i, m in enumerate(models)]
+        else:
+            outs = [m(*(inputs if shared else tuple(x[i] if isinstance(x, Tensor) else x for x in inputs)))
+                    for i, m in enumerate(models)]
     leaves = [tree_flatten(o)[0] for o in outs]
     spec = tree_flatten(outs[0])[1]
     return tree_unflatten([torch.stack([lv[j] for lv in leaves]) if isinstance(leaves[0][j], Tensor)
@@ -59,7 +63,7 @@ def verify(fn: Callable[..., Any], models: Sequence[nn.Module], inputs: Sequence
     """Run ``fn(*inputs)`` (a fused module, a loaded artifact) and the models one by one; return the relative error,
     or raise :class:`VerificationError` when it exceeds ``TOLERANCE`` for the models' dtype."""
     with torch.no_grad():
-        got = fn(*inputs)
+        got = fn(**inputs) if isinstance(inputs, dict) else fn(*inputs)
     return check_outputs(got, models, inputs, shared, what)
 
 

@@ -185,7 +185,7 @@ def test_export_each_format_loads_without_fusecc(fmt, tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stdout.startswith(f"wrote {out} ({fmt}, "), proc.stdout
     assert "verified against the 2 models" in proc.stdout
-    assert "fusecc: tracing and fusing 2 models" in proc.stderr  # progress without --quiet
+    assert "fusecc: capturing and fusing 2 models" in proc.stderr  # progress without --quiet
     assert out.is_file()
     no_temporaries(tmp_path)
 
