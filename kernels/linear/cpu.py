@@ -38,9 +38,11 @@ from torch import Tensor
 from .. import _backend
 from .reference import activation_
 
-# rows per model where the kernel beats MKL's bmm at N=16 (bench/bench_small_gemm.py, cold caches: 1.6-2.4x at
-# 2-8 rows, 1.0-1.5x at 16-32; mixed at 1 row, where MKL runs a GEMV, and at 64)
-MIN_ROWS, MAX_ROWS = 2, 32
+# rows per model where the kernel beats MKL's bmm (bench/bench_small_gemm.py, cold caches). First measured at N=16:
+# 1.6-2.4x at 2-8 rows, 1.0-1.5x at 16-32. Measured again on 2026-11-30 (N=8 and 16, the same 2-core Xeon type,
+# seven layer shapes): 0.96-1.08x at 8 rows, 0.75-1.08x at 16, 0.52-0.89x at 32 (and BERT-small x 8 at 32 tokens
+# per model ran 25% faster on bmm): the kernel is kept where it does not lose
+MIN_ROWS, MAX_ROWS = 2, 8
 # below this many weight elements (all models) the layer sits in cache and the call overhead decides: bmm's is
 # smaller (8 x Linear(64, 64): 14 vs 22 us; 8 x Linear(256, 128): the kernel 1.06x faster)
 MIN_WEIGHTS = 256 * 1024

@@ -1,0 +1,378 @@
+"""Hugging Face fleets: N fine-tuned transformers of one architecture, run six ways on CPU.
+
+Models (random weights, no download):
+  bert   BERT-small classifier: BertForSequenceClassification, 4 layers, hidden 256, 4 heads, feed-forward 1024,
+         vocabulary 30522, 2 labels
+  gpt2   a GPT-2-small-like LM: GPT2LMHeadModel, 4 layers, hidden 256, 4 heads, vocabulary 8192 (GPT-2's 50257
+         would make the logits alone 1.6 GB at N=32 x 8 x 32), use_cache=False
+
+Each model gets its own batch of token ids with its own padding (attention masks differ per model).
+
+Providers, inference (torch.no_grad) or one training step (forward with labels, backward, AdamW step):
+  loop            the N eager models one after the other (training: N torch.optim.AdamW(fused=True))
+  loop+compile    the same with every model under torch.compile (one compiled graph shared by the N instances)
+  vmap            torch.func.stack_module_state + torch.vmap(functional_call): does not run transformers' mask code
+                  (data-dependent control flow); recorded as such
+  fusecc          fusecc.fuse(models) (training: fusecc.optim.AdamW, one optimizer for the fleet)
+  fusecc+compile  torch.compile(fused)
+  bound           ONE model on all N*B rows (the same FLOPs with one weight): what fusion can reach at best
+
+Method, as bench/bench_inference.py: every provider is first checked against the loop (logits, and the loss in
+training: max error / max |loop| below 1e-4; the first call is the warm-up and compile, not timed), then the
+providers are timed interleaved in each repetition; the table shows medians and ratios of the same run. "floor" is
+this machine's hardware floor for the row: max(FLOPs / fp32 GEMM rate, weight bytes / copy bandwidth), measured at
+the start (bench/_floor.py).
+
+Run (from the repository root):
+
+  .venv/bin/python bench/bench_hf.py                       # the default grid below, ~25 min on 2 cores
+  .venv/bin/python bench/bench_hf.py --models bert --n 8 --shapes 1x32 --no-compile   # one row, a minute
+  .venv/bin/python bench/bench_hf.py --markdown --csv bench/results/hf.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+import fusecc
+from fusecc.verify import relative_error
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import BackgroundLoad, geomean, machine_info, print_machine  # noqa: E402
+from _floor import measure_rates  # noqa: E402
+
+MAX_REL_ERR = 1e-4
+PROVIDERS = ["loop", "loop+compile", "vmap", "fusecc", "fusecc+compile", "bound"]
+
+
+def make(name: str) -> nn.Module:
+    import transformers as T
+
+    if name == "bert":
+        return T.BertForSequenceClassification(T.BertConfig(
+            vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+            num_labels=2))
+    if name == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=8192, n_embd=256, n_layer=4, n_head=4, n_positions=512,
+                                              bos_token_id=0, eos_token_id=0))
+    raise ValueError(f"unknown model {name!r}; expected bert or gpt2")
+
+
+def batch(name: str, model: nn.Module, n: int, b: int, s: int, seed: int) -> Dict[str, torch.Tensor]:
+    """Fused inputs [N, B, S]: random tokens, each model's rows padded its own way (and labels for training)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (n, b, s), generator=g)
+    pads = torch.randint(0, max(1, s // 4), (n, b), generator=g)
+    pads[:, 0] = 0  # (one full row per model)
+    mask = (torch.arange(s) < (s - pads)[..., None]).long()
+    labels = torch.randint(0, 2, (n, b), generator=g) if name == "bert" else ids.clone()
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def kwargs_of(name: str) -> Dict[str, Any]:
+    return {"use_cache": False} if name == "gpt2" else {}
+
+
+# ---------------------------------------------------------------------------------------------------- providers
+
+
+def providers_for(name: str, models: List[nn.Module], inputs: Dict[str, torch.Tensor], train: bool,
+                  compile_: bool) -> Dict[str, Callable[[], Any]]:
+    """name -> a callable that runs the provider once (inference: returns logits [N, ...]; training: one step,
+    returns (logits, loss [N]))."""
+    n = len(models)
+    extra = kwargs_of(name)
+    keys = ["input_ids", "attention_mask"] + (["labels"] if train else [])
+    per_model = [{k: inputs[k][i] for k in keys} for i in range(n)]
+    out: Dict[str, Callable[[], Any]] = {}
+
+    def loop_of(ms: List[nn.Module]) -> Callable[[], Any]:
+        if not train:
+            return lambda: torch.stack([m(**kw, **extra).logits for m, kw in zip(ms, per_model)])
+        opts = [torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for m in ms]
+
+        def step() -> Any:
+            logits, losses = [], []
+            for m, o, kw in zip(ms, opts, per_model):
+                o.zero_grad()
+                r = m(**kw, **extra)
+                r.loss.backward()
+                o.step()
+                logits.append(r.logits.detach())
+                losses.append(r.loss.detach())
+            return torch.stack(logits), torch.stack(losses)
+
+        return step
+
+    own = [copy.deepcopy(m) for m in models]  # training changes the weights: each provider has its own copies
+    out["loop"] = loop_of(own)
+    if compile_:
+        comp_models = [copy.deepcopy(m) for m in models]
+        compiled = [torch.compile(m) for m in comp_models]
+        if train:
+            opts = [torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for m in comp_models]
+
+            def cstep() -> Any:
+                logits, losses = [], []
+                for c, o, kw in zip(compiled, opts, per_model):
+                    o.zero_grad()
+                    r = c(**kw, **extra)
+                    r.loss.backward()
+                    o.step()
+                    logits.append(r.logits.detach())
+                    losses.append(r.loss.detach())
+                return torch.stack(logits), torch.stack(losses)
+
+            out["loop+compile"] = cstep
+        else:
+            out["loop+compile"] = lambda: torch.stack([c(**kw, **extra).logits for c, kw in zip(compiled, per_model)])
+    if not train:
+        from torch.func import functional_call, stack_module_state
+
+        params, buffers = stack_module_state(models)
+        base = copy.deepcopy(models[0]).to("meta")
+        out["vmap"] = lambda: torch.vmap(
+            lambda p, b, i, a: functional_call(base, (p, b), (), {"input_ids": i, "attention_mask": a, **extra}).logits
+        )(params, buffers, inputs["input_ids"], inputs["attention_mask"])
+    fused = fusecc.fuse([copy.deepcopy(m) for m in models]).train(train)
+    fin = {k: inputs[k] for k in keys}
+    if train:
+        fopt = fusecc.optim.AdamW(fused.parameters(), lr=1e-4, num_models=n)
+
+        def fstep(f: Callable[..., Any] = fused) -> Any:
+            fopt.zero_grad()
+            r = f(**fin, **extra)
+            r.loss.sum().backward()
+            fopt.step()
+            return r.logits.detach(), r.loss.detach()
+
+        out["fusecc"] = fstep
+        if compile_:
+            fused_c = fusecc.fuse([copy.deepcopy(m) for m in models]).train()
+            fused_c.compile_for(**fin, **extra)  # fusecc's own compile first, eagerly
+            comp = torch.compile(fused_c)
+            copt = fusecc.optim.AdamW(fused_c.parameters(), lr=1e-4, num_models=n)
+
+            def fcstep() -> Any:
+                copt.zero_grad()
+                r = comp(**fin, **extra)
+                r.loss.sum().backward()
+                copt.step()
+                return r.logits.detach(), r.loss.detach()
+
+            out["fusecc+compile"] = fcstep
+    else:
+        out["fusecc"] = lambda: fused(**fin, **extra).logits
+        if compile_:
+            fused.compile_for(**fin, **extra)
+            comp = torch.compile(fused)
+            out["fusecc+compile"] = lambda: comp(**fin, **extra).logits
+    one = copy.deepcopy(models[0]).train(train)
+    rows = {k: inputs[k].flatten(0, 1) for k in keys}
+    if train:
+        bopt = torch.optim.AdamW(one.parameters(), lr=1e-4, fused=True)
+
+        def bstep() -> Any:
+            bopt.zero_grad()
+            r = one(**rows, **extra)
+            r.loss.backward()
+            bopt.step()
+            return None
+
+        out["bound"] = bstep
+    else:
+        out["bound"] = lambda: one(**rows, **extra).logits
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- one row
+
+
+def flops_of(model: nn.Module, inputs: Dict[str, torch.Tensor], extra: Dict[str, Any]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(**{k: v[0] for k, v in inputs.items() if k != "labels"}, **extra)
+    return float(counter.get_total_flops())
+
+
+def run_row(a: argparse.Namespace, name: str, n: int, b: int, s: int, train: bool, rates: Any) -> Dict[str, Any]:
+    torch.manual_seed(0)
+    models = [make(name).train(train) for _ in range(n)]
+    if train:  # dropout would make the providers' results differ: the check compares exact steps
+        for m in models:
+            for mod in m.modules():
+                if isinstance(mod, nn.Dropout):
+                    mod.p = 0.0
+            for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop",
+                      "attn_pdrop"):
+                if hasattr(m.config, k):
+                    setattr(m.config, k, 0.0)
+    inputs = batch(name, models[0], n, b, s, seed=n * 1000 + b * 10 + s)
+    compile_ = a.compile and n in a.compile_n
+    row: Dict[str, Any] = {"model": name, "mode": "train" if train else "infer", "n": n, "batch": b, "seq": s}
+    provs = providers_for(name, models, inputs, train, compile_)
+    ref = None
+    working: Dict[str, Callable[[], Any]] = {}
+    for p, fn in provs.items():
+        t0 = time.perf_counter()
+        try:
+            with torch.set_grad_enabled(train):
+                got = fn()
+        except Exception as e:  # noqa: BLE001 - recorded, the others go on
+            row[f"{p}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]
+            continue
+        row[f"{p}_first_s"] = time.perf_counter() - t0
+        if p == "loop":
+            ref = got
+        elif p != "bound":
+            err = relative_error(got, ref)
+            row[f"{p}_err"] = err
+            if not err <= MAX_REL_ERR:
+                row[f"{p}_error"] = f"FAIL: differs from the loop by {err:.2e} x max|loop|"
+                continue
+        working[p] = fn
+    # interleaved timing, repetitions within a budget
+    one_round = sum(row.get(f"{p}_first_s", 0.0) for p in working if "compile" not in p) or 0.1
+    reps = max(a.min_reps, min(a.reps, int(a.row_budget / max(one_round, 1e-3))))
+    times: Dict[str, List[float]] = {p: [] for p in working}
+    with BackgroundLoad() as bg, torch.set_grad_enabled(train):
+        for p, fn in working.items():  # one untimed call after the check (a second compile, caches)
+            fn()
+        for _ in range(reps):
+            for p, fn in working.items():
+                t0 = time.perf_counter()
+                fn()
+                times[p].append(time.perf_counter() - t0)
+    row["reps"] = reps
+    row["bg_cores"] = bg.cores
+    for p, ts in times.items():
+        row[f"{p}_ms"] = statistics.median(ts) * 1e3
+    f1 = flops_of(models[0], inputs, kwargs_of(name)) * (3 if train else 1)
+    wbytes = sum(p.numel() * p.element_size() for p in models[0].parameters())
+    row["floor_ms"] = max(n * f1 / rates.gemm_flops, n * wbytes * (5 if train else 1) / rates.bandwidth) * 1e3
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+
+
+def cell(row: Dict[str, Any], p: str) -> str:
+    if f"{p}_ms" in row:
+        return f"{row[p + '_ms']:.1f}"
+    if f"{p}_error" in row:
+        return "FAIL" if row[f"{p}_error"].startswith("FAIL") else "error"
+    return "-"
+
+
+def ratio(row: Dict[str, Any], p: str, base: str = "loop") -> str:
+    if f"{p}_ms" in row and f"{base}_ms" in row:
+        return f"{row[base + '_ms'] / row[p + '_ms']:.2f}x"
+    return "-"
+
+
+def print_table(rows: List[Dict[str, Any]], markdown: bool) -> None:
+    head = ["model", "mode", "N", "BxS"] + [f"{p} ms" for p in PROVIDERS] + [
+        "fusecc vs loop", "vs best other", "fusecc / bound", "floor ms", "bg cores"]
+    body = []
+    for r in rows:
+        others = [r[f"{p}_ms"] for p in ("loop", "loop+compile", "vmap", "fusecc+compile") if f"{p}_ms" in r]
+        vs_best = (f"{min(others) / r['fusecc_ms']:.2f}x" if others and "fusecc_ms" in r else "-")
+        over = (f"{r['fusecc_ms'] / r['bound_ms']:.2f}" if "fusecc_ms" in r and "bound_ms" in r else "-")
+        body.append([r["model"], r["mode"], str(r["n"]), f"{r['batch']}x{r['seq']}"] + [cell(r, p) for p in PROVIDERS]
+                    + [ratio(r, "fusecc"), vs_best, over, f"{r['floor_ms']:.1f}",
+                       "n/a" if r["bg_cores"] is None else f"{r['bg_cores']:.2f}"])
+    if markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "|".join("---" if i < 4 else "--:" for i in range(len(head))) + "|")
+        for b in body:
+            print("| " + " | ".join(b) + " |")
+    else:
+        widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+        print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
+        for b in body:
+            print("  ".join(c.rjust(w) for c, w in zip(b, widths)))
+    errors = [(r, p) for r in rows for p in PROVIDERS if f"{p}_error" in r]
+    if errors:
+        print("\nproviders that did not run or failed the check:")
+        seen = set()
+        for r, p in errors:
+            msg = r[f"{p}_error"]
+            if (p, msg) in seen:
+                continue
+            seen.add((p, msg))
+            print(f"  {p} ({r['model']} {r['mode']} N={r['n']} {r['batch']}x{r['seq']}, and rows like it): {msg}")
+    at4 = [r for r in rows if r["n"] >= 4 and "fusecc_ms" in r and "loop_ms" in r]
+    if at4:
+        g = geomean([r["loop_ms"] / r["fusecc_ms"] for r in at4])
+        print(f"\nfusecc vs loop at N >= 4: geomean {g:.2f}x over {len(at4)} rows; min "
+              f"{min(r['loop_ms'] / r['fusecc_ms'] for r in at4):.2f}x")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="bert,gpt2")
+    ap.add_argument("--n", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    ap.add_argument("--shapes", nargs="+", default=["1x32", "1x128", "8x32"], help="inference BxS per model")
+    ap.add_argument("--train-shapes", nargs="+", default=["8x32"], help="training BxS per model")
+    ap.add_argument("--train-n", type=int, nargs="+", default=[4, 16])
+    ap.add_argument("--compile-n", type=int, nargs="+", default=[4, 16],
+                    help="the N at which the torch.compile providers run (a cold compile per row: minutes)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--no-train", dest="train", action="store_false")
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--min-reps", type=int, default=3)
+    ap.add_argument("--row-budget", type=float, default=20.0, help="seconds of timing per row (sets the reps)")
+    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--csv", help="write every row's figures here")
+    a = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    info = machine_info()
+    print_machine(info)
+    rates = measure_rates()
+    print(f"rates: fp32 GEMM {rates.gemm_flops / 1e9:.1f} GFLOP/s, copy {rates.bandwidth / 1e9:.2f} GB/s")
+    rows = []
+    grid: List[Tuple[str, int, int, int, bool]] = []
+    for name in a.models.split(","):
+        for shape in a.shapes:
+            b, s = (int(v) for v in shape.split("x"))
+            grid += [(name, n, b, s, False) for n in a.n]
+        if a.train:
+            for shape in a.train_shapes:
+                b, s = (int(v) for v in shape.split("x"))
+                grid += [(name, n, b, s, True) for n in a.train_n]
+    for name, n, b, s, train in grid:
+        t0 = time.perf_counter()
+        row = run_row(a, name, n, b, s, train, rates)
+        rows.append(row)
+        print(f"[{time.perf_counter() - t0:5.0f} s] {name} {'train' if train else 'infer'} N={n} {b}x{s}: "
+              + ", ".join(f"{p} {cell(row, p)}" for p in PROVIDERS), flush=True)
+    print()
+    print_table(rows, a.markdown)
+    if a.csv:
+        fields = sorted({k for r in rows for k in r})
+        with open(a.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+    failed = [r for r in rows for p in PROVIDERS if r.get(f"{p}_error", "").startswith("FAIL")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
