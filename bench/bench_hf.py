@@ -260,10 +260,30 @@ def run_row(a: argparse.Namespace, name: str, n: int, b: int, s: int, train: boo
     row["bg_cores"] = bg.cores
     for p, ts in times.items():
         row[f"{p}_ms"] = statistics.median(ts) * 1e3
-    f1 = flops_of(models[0], inputs, kwargs_of(name)) * (3 if train else 1)
-    wbytes = sum(p.numel() * p.element_size() for p in models[0].parameters())
-    row["floor_ms"] = max(n * f1 / rates.gemm_flops, n * wbytes * (5 if train else 1) / rates.bandwidth) * 1e3
+    row["floor_ms"] = floor_ms(name, models[0], inputs, n, train, rates.gemm_flops, rates.bandwidth)
     return row
+
+
+def streamed_bytes(model: nn.Module) -> int:
+    """Bytes of the weights a forward reads whole: every parameter but the embedding tables (a lookup reads only
+    its rows), and the output embedding where it is tied to one (GPT-2's LM head reads the whole table)."""
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    params = [p for p in model.parameters() if id(p) not in emb]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and id(head.weight) in emb:
+        params.append(head.weight)
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def floor_ms(name: str, model: nn.Module, inputs: Dict[str, torch.Tensor], n: int, train: bool, gemm_flops: float,
+             bandwidth: float) -> float:
+    """The row's hardware floor: max(FLOPs / GEMM rate, streamed weight bytes / bandwidth) for N models (training:
+    3x the FLOPs; the weights read 3 times and the AdamW state 7 times the parameters)."""
+    f1 = flops_of(model, inputs, kwargs_of(name)) * (3 if train else 1)
+    wbytes = streamed_bytes(model) * (3 if train else 1)
+    if train:
+        wbytes += 7 * sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(n * f1 / gemm_flops, n * wbytes / bandwidth) * 1e3
 
 
 # ---------------------------------------------------------------------------------------------------- tables
@@ -285,15 +305,19 @@ def ratio(row: Dict[str, Any], p: str, base: str = "loop") -> str:
 
 def print_table(rows: List[Dict[str, Any]], markdown: bool) -> None:
     head = ["model", "mode", "N", "BxS"] + [f"{p} ms" for p in PROVIDERS] + [
-        "fusecc vs loop", "vs best other", "fusecc / bound", "floor ms", "bg cores"]
+        "fusecc vs loop", "fusecc vs best other", "fusecc / bound", "fusecc+compile / bound", "floor ms", "bg cores"]
     body = []
     for r in rows:
-        others = [r[f"{p}_ms"] for p in ("loop", "loop+compile", "vmap", "fusecc+compile") if f"{p}_ms" in r]
+        # the best provider that is not fusecc: the loop, the compiled loop, vmap
+        others = [r[f"{p}_ms"] for p in ("loop", "loop+compile", "vmap") if f"{p}_ms" in r]
         vs_best = (f"{min(others) / r['fusecc_ms']:.2f}x" if others and "fusecc_ms" in r else "-")
         over = (f"{r['fusecc_ms'] / r['bound_ms']:.2f}" if "fusecc_ms" in r and "bound_ms" in r else "-")
+        over_c = (f"{r['fusecc+compile_ms'] / r['bound_ms']:.2f}" if "fusecc+compile_ms" in r and "bound_ms" in r
+                  else "-")
+        bg = r.get("bg_cores")
         body.append([r["model"], r["mode"], str(r["n"]), f"{r['batch']}x{r['seq']}"] + [cell(r, p) for p in PROVIDERS]
-                    + [ratio(r, "fusecc"), vs_best, over, f"{r['floor_ms']:.1f}",
-                       "n/a" if r["bg_cores"] is None else f"{r['bg_cores']:.2f}"])
+                    + [ratio(r, "fusecc"), vs_best, over, over_c, f"{r['floor_ms']:.1f}",
+                       "n/a" if bg is None else f"{bg:.2f}"])
     if markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "|".join("---" if i < 4 else "--:" for i in range(len(head))) + "|")
@@ -321,11 +345,26 @@ def print_table(rows: List[Dict[str, Any]], markdown: bool) -> None:
               f"{min(r['loop_ms'] / r['fusecc_ms'] for r in at4):.2f}x")
 
 
+def _row_from_csv(r: Dict[str, str]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in r.items():
+        if v == "":
+            continue
+        if k.endswith(("_ms", "_err", "_first_s")) or k in ("floor_ms", "bg_cores"):
+            out[k] = float(v)
+        elif k in ("n", "batch", "seq", "reps"):
+            out[k] = int(v)
+        else:
+            out[k] = v
+    out.setdefault("bg_cores", None)
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="bert,gpt2")
     ap.add_argument("--n", type=int, nargs="+", default=[1, 4, 8, 16, 32])
-    ap.add_argument("--shapes", nargs="+", default=["1x32", "1x128", "8x32"], help="inference BxS per model")
+    ap.add_argument("--shapes", nargs="*", default=["1x32", "1x128", "8x32"], help="inference BxS per model (none: no inference rows)")
     ap.add_argument("--train-shapes", nargs="+", default=["8x32"], help="training BxS per model")
     ap.add_argument("--train-n", type=int, nargs="+", default=[4, 16])
     ap.add_argument("--compile-n", type=int, nargs="+", default=[4, 16],
@@ -337,7 +376,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--row-budget", type=float, default=20.0, help="seconds of timing per row (sets the reps)")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--csv", help="write every row's figures here")
+    ap.add_argument("--table-from", metavar="CSV", nargs="+", help="print the table of earlier runs' CSVs, run nothing")
+    ap.add_argument("--rates", metavar="GFLOPS,GBS", help="with --table-from: recompute the floors at these rates")
     a = ap.parse_args(argv)
+    if a.table_from:
+        rows = [_row_from_csv(r) for path in a.table_from for r in csv.DictReader(open(path))]
+        if a.rates:  # the floors again, with the run's measured rates (GFLOP/s,GB/s from its header)
+            gemm, bw = (float(v) for v in a.rates.split(","))
+            for r in rows:
+                m = make(r["model"])
+                r["floor_ms"] = floor_ms(r["model"], m, batch(r["model"], m, 1, r["batch"], r["seq"], 0), r["n"],
+                                         r["mode"] == "train", gemm * 1e9, bw * 1e9)
+        print_table(rows, a.markdown)
+        return 0
     warnings.filterwarnings("ignore")
     import logging
 

@@ -241,6 +241,10 @@ class SGD(FusedOptimizer):
         return rest
 
 
+# dtypes of torch's fused CPU Adam kernel (torch._fused_adam_ / _fused_adamw_)
+_CPU_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 class Adam(FusedOptimizer):
     """Adam (L2 weight decay added to the gradient) with per-model lr, betas, eps and weight decay."""
 
@@ -293,8 +297,42 @@ class Adam(FusedOptimizer):
         else:
             p.addcdiv_(st["exp_avg"], denom.div_(step_size), value=-1.0)
 
+    def _cpu_fused_ok(self, g: Dict[str, Any], p: Tensor, keys: Sequence[str]) -> bool:
+        st = self.state[p]
+        gr = p.grad
+        return (p.device.type == "cpu" and p.dtype in _CPU_FUSED_DTYPES and p.is_contiguous()
+                and gr.layout == torch.strided and gr.dtype == p.dtype and gr.shape == p.shape and gr.is_contiguous()
+                and (not st or all(k in st and st[k].dtype == p.dtype and st[k].shape == p.shape
+                                   and st[k].is_contiguous() for k in keys)))
+
+    def _cpu_fused_step(self, g: Dict[str, Any], params: List[Tensor], keys: Sequence[str]) -> None:
+        """torch's own fused CPU Adam/AdamW kernel, once per model over that model's slices of every parameter: one
+        pass over memory for the whole group, each model with its own hyper-parameters (the kernel takes one set)."""
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                for k in keys:
+                    st[k] = torch.zeros_like(p)
+            st["step"] += 1
+        sts = [self.state[p] for p in params]
+        steps = [st["step"] for st in sts]  # the same step for every model of a parameter (read, not written)
+        fn = torch._fused_adamw_ if self._decoupled else torch._fused_adam_
+        for i in range(self.num_models):
+            fn([p[i] for p in params], [p.grad[i] for p in params], [st["exp_avg"][i] for st in sts],
+               [st["exp_avg_sq"][i] for st in sts],
+               [st["max_exp_avg_sq"][i] for st in sts] if g["amsgrad"] else [], steps,
+               lr=g["lr"][i], beta1=g["beta1"][i], beta2=g["beta2"][i], weight_decay=g["weight_decay"][i],
+               eps=g["eps"][i], amsgrad=g["amsgrad"], maximize=g["maximize"])
+
     def _kernel_step(self, g: Dict[str, Any], params: List[Tensor]) -> List[Tensor]:
         keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if g["amsgrad"] else ())
+        # under "auto" (not "reference": aten ops only; not "triton": the kernel forced, e.g. in its interpreter tests)
+        cpu = [p for p in params if self._cpu_fused_ok(g, p, keys)] if _backend.use_cpu_kernels(None, "adam") else []
+        if cpu:
+            self._cpu_fused_step(g, cpu, keys)
+            done = {id(p) for p in cpu}
+            params = [p for p in params if id(p) not in done]
         buckets, rest = self._kernel_buckets(
             params, "adam_step", lambda p: float(self.state[p]["step"]) if self.state[p] else 0.0, keys)
         for (_, _, step), ps in buckets.items():
