@@ -97,16 +97,18 @@ def providers_for(name: str, models: List[nn.Module], inputs: Dict[str, torch.Te
     per_model = [{k: inputs[k][i] for k in keys} for i in range(n)]
     out: Dict[str, Callable[[], Any]] = {}
 
-    def loop_of(ms: List[nn.Module]) -> Callable[[], Any]:
+    def loop_of(ms: List[nn.Module], calls: Optional[List[Callable[..., Any]]] = None) -> Callable[[], Any]:
+        """The loop over modules ``ms`` (called through ``calls``: their torch.compile'd forms, if given)."""
+        calls = calls or ms
         if not train:
-            return lambda: torch.stack([m(**kw, **extra).logits for m, kw in zip(ms, per_model)])
+            return lambda: torch.stack([c(**kw, **extra).logits for c, kw in zip(calls, per_model)])
         opts = [torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for m in ms]
 
         def step() -> Any:
             logits, losses = [], []
-            for m, o, kw in zip(ms, opts, per_model):
+            for c, o, kw in zip(calls, opts, per_model):
                 o.zero_grad()
-                r = m(**kw, **extra)
+                r = c(**kw, **extra)
                 r.loss.backward()
                 o.step()
                 logits.append(r.logits.detach())
@@ -115,28 +117,26 @@ def providers_for(name: str, models: List[nn.Module], inputs: Dict[str, torch.Te
 
         return step
 
+    def fused_of(f: Any, call: Callable[..., Any]) -> Callable[[], Any]:
+        """The fused module ``f`` (called through ``call``: torch.compile(f), or f)."""
+        if not train:
+            return lambda: call(**fin, **extra).logits
+        opt = fusecc.optim.AdamW(f.parameters(), lr=1e-4, num_models=n)
+
+        def step() -> Any:
+            opt.zero_grad()
+            r = call(**fin, **extra)
+            r.loss.sum().backward()
+            opt.step()
+            return r.logits.detach(), r.loss.detach()
+
+        return step
+
     own = [copy.deepcopy(m) for m in models]  # training changes the weights: each provider has its own copies
     out["loop"] = loop_of(own)
     if compile_:
         comp_models = [copy.deepcopy(m) for m in models]
-        compiled = [torch.compile(m) for m in comp_models]
-        if train:
-            opts = [torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for m in comp_models]
-
-            def cstep() -> Any:
-                logits, losses = [], []
-                for c, o, kw in zip(compiled, opts, per_model):
-                    o.zero_grad()
-                    r = c(**kw, **extra)
-                    r.loss.backward()
-                    o.step()
-                    logits.append(r.logits.detach())
-                    losses.append(r.loss.detach())
-                return torch.stack(logits), torch.stack(losses)
-
-            out["loop+compile"] = cstep
-        else:
-            out["loop+compile"] = lambda: torch.stack([c(**kw, **extra).logits for c, kw in zip(compiled, per_model)])
+        out["loop+compile"] = loop_of(comp_models, [torch.compile(m) for m in comp_models])
     if not train:
         from torch.func import functional_call, stack_module_state
 
@@ -145,39 +145,13 @@ def providers_for(name: str, models: List[nn.Module], inputs: Dict[str, torch.Te
         out["vmap"] = lambda: torch.vmap(
             lambda p, b, i, a: functional_call(base, (p, b), (), {"input_ids": i, "attention_mask": a, **extra}).logits
         )(params, buffers, inputs["input_ids"], inputs["attention_mask"])
-    fused = fusecc.fuse([copy.deepcopy(m) for m in models]).train(train)
     fin = {k: inputs[k] for k in keys}
-    if train:
-        fopt = fusecc.optim.AdamW(fused.parameters(), lr=1e-4, num_models=n)
-
-        def fstep(f: Callable[..., Any] = fused) -> Any:
-            fopt.zero_grad()
-            r = f(**fin, **extra)
-            r.loss.sum().backward()
-            fopt.step()
-            return r.logits.detach(), r.loss.detach()
-
-        out["fusecc"] = fstep
-        if compile_:
-            fused_c = fusecc.fuse([copy.deepcopy(m) for m in models]).train()
-            fused_c.compile_for(**fin, **extra)  # fusecc's own compile first, eagerly
-            comp = torch.compile(fused_c)
-            copt = fusecc.optim.AdamW(fused_c.parameters(), lr=1e-4, num_models=n)
-
-            def fcstep() -> Any:
-                copt.zero_grad()
-                r = comp(**fin, **extra)
-                r.loss.sum().backward()
-                copt.step()
-                return r.logits.detach(), r.loss.detach()
-
-            out["fusecc+compile"] = fcstep
-    else:
-        out["fusecc"] = lambda: fused(**fin, **extra).logits
-        if compile_:
-            fused.compile_for(**fin, **extra)
-            comp = torch.compile(fused)
-            out["fusecc+compile"] = lambda: comp(**fin, **extra).logits
+    fused = fusecc.fuse([copy.deepcopy(m) for m in models]).train(train)
+    out["fusecc"] = fused_of(fused, fused)
+    if compile_:
+        fused_c = fusecc.fuse([copy.deepcopy(m) for m in models]).train(train)
+        fused_c.compile_for(**fin, **extra)  # fusecc's own compile first, eagerly
+        out["fusecc+compile"] = fused_of(fused_c, torch.compile(fused_c))
     one = copy.deepcopy(models[0]).train(train)
     rows = {k: inputs[k].flatten(0, 1) for k in keys}
     if train:

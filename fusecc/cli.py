@@ -122,6 +122,10 @@ def build_models(args: argparse.Namespace, progress: Progress) -> List[nn.Module
     try:
         if args.hf:
             models = load_hf_fleet(args.hf, on_each=lambda items: progress.bar(items, what))
+            if getattr(models[0].config, "use_cache", False):  # a causal LM: the artifact computes logits, no cache
+                progress.say("use_cache = False on the models: the fused artifact returns logits, not a KV cache")
+                for m in models:
+                    m.config.use_cache = False
         else:
             models = load_fleet(args.arch, args.arch_kwargs, args.weights or (), args.num_models or 0,
                                 on_each=lambda items: progress.bar(items, what), label=f"--arch {args.arch}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_cli import LOADER, close, error_line, run_cli
+from tests.test_cli import close, error_line, run_cli, run_without_fusecc
 
 T = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated:FutureWarning")
@@ -31,23 +31,6 @@ def save_fleet(tmp_path: Path, n: int = 3, **cfg) -> list:
     return dirs
 
 
-HF_LOADER = LOADER.replace("x = torch.load(inp)", "x = torch.load(inp)  # a tuple of positional tensors").replace(
-    "    y = fn(x)", "    y = fn(*x)")
-
-
-def run_hf_artifact(fmt: str, artifact: Path, xs: tuple, tmp_path: Path):
-    import subprocess
-    import sys
-
-    script, inp, out = tmp_path / "load_hf.py", tmp_path / "in.pt", tmp_path / "out.pt"
-    script.write_text(HF_LOADER)
-    torch.save(xs, inp)
-    proc = subprocess.run([sys.executable, str(script), fmt, str(artifact), str(inp), str(out)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"loading the {fmt} artifact failed:\n{proc.stdout}\n{proc.stderr}"
-    return torch.load(out)
-
-
 @pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
 def test_export_hf_fleet_dynamic(fmt, tmp_path):
     dirs = save_fleet(tmp_path)
@@ -63,7 +46,7 @@ def test_export_hf_fleet_dynamic(fmt, tmp_path):
         ids = torch.randint(0, 100, (3, b, s), generator=g)
         mask = torch.ones_like(ids)
         mask[1, 0, s // 2:] = 0
-        got = run_hf_artifact(fmt, out, (ids, mask), tmp_path)
+        got = run_without_fusecc(fmt, out, (ids, mask), tmp_path)
         assert isinstance(got, dict) and list(got) == ["logits"], type(got)
         with torch.no_grad():
             ref = torch.stack([m(input_ids=ids[i], attention_mask=mask[i]).logits for i, m in enumerate(models)])
@@ -99,3 +82,27 @@ def test_inspect_and_bench_hf(tmp_path):
     rows = {ln.split()[0]: ln for ln in proc.stdout.splitlines()[2:]}
     assert set(rows) == {"loop", "fusecc", "vmap"}, proc.stdout
     assert "does not run" in rows["vmap"]  # torch.vmap cannot run transformers' mask code: said, not hidden
+
+
+def test_export_hf_causal_lm(tmp_path):
+    """A GPT-2 fleet: exported with use_cache off (the artifact returns the logits), dynamic, checked."""
+    dirs = []
+    for i in range(2):
+        torch.manual_seed(200 + i)
+        m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                           bos_token_id=0, eos_token_id=0))
+        m.save_pretrained(tmp_path / f"gpt{i}")
+        dirs.append(tmp_path / f"gpt{i}")
+    out = tmp_path / "lm.pt2"
+    proc = run_cli("export", "--hf", *map(str, dirs), "--example-input", "2,10", "--format", "pt2", "-o", str(out),
+                   cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert "use_cache = False" in proc.stderr and "verified against the 2 models" in proc.stdout
+    models = [T.GPT2LMHeadModel.from_pretrained(d).eval() for d in dirs]
+    ids = torch.randint(0, 100, (2, 3, 7))
+    mask = torch.ones_like(ids)
+    got = run_without_fusecc("pt2", out, (ids, mask), tmp_path)
+    with torch.no_grad():
+        ref = torch.stack([m(input_ids=ids[i], attention_mask=mask[i], use_cache=False).logits
+                           for i, m in enumerate(models)])
+    close(got["logits"], ref, "gpt2 artifact")

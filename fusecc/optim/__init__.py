@@ -297,6 +297,19 @@ class Adam(FusedOptimizer):
         else:
             p.addcdiv_(st["exp_avg"], denom.div_(step_size), value=-1.0)
 
+    def _advance(self, params: List[Tensor], keys: Sequence[str]) -> List[Dict[str, Any]]:
+        """The states of ``params`` (created zero at the first step), their step counts advanced by one."""
+        sts = []
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                for k in keys:
+                    st[k] = torch.zeros_like(p)
+            st["step"] += 1
+            sts.append(st)
+        return sts
+
     def _cpu_fused_ok(self, g: Dict[str, Any], p: Tensor, keys: Sequence[str]) -> bool:
         st = self.state[p]
         gr = p.grad
@@ -308,14 +321,7 @@ class Adam(FusedOptimizer):
     def _cpu_fused_step(self, g: Dict[str, Any], params: List[Tensor], keys: Sequence[str]) -> None:
         """torch's own fused CPU Adam/AdamW kernel, once per model over that model's slices of every parameter: one
         pass over memory for the whole group, each model with its own hyper-parameters (the kernel takes one set)."""
-        for p in params:
-            st = self.state[p]
-            if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32)
-                for k in keys:
-                    st[k] = torch.zeros_like(p)
-            st["step"] += 1
-        sts = [self.state[p] for p in params]
+        sts = self._advance(params, keys)
         steps = [st["step"] for st in sts]  # the same step for every model of a parameter (read, not written)
         fn = torch._fused_adamw_ if self._decoupled else torch._fused_adam_
         for i in range(self.num_models):
@@ -336,14 +342,7 @@ class Adam(FusedOptimizer):
         buckets, rest = self._kernel_buckets(
             params, "adam_step", lambda p: float(self.state[p]["step"]) if self.state[p] else 0.0, keys)
         for (_, _, step), ps in buckets.items():
-            for p in ps:
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
-                    for k in keys:
-                        st[k] = torch.zeros_like(p)
-                st["step"] += 1
-            sts = [self.state[p] for p in ps]
+            sts = self._advance(ps, keys)
             _kernels.adam_step(ps, [p.grad.contiguous() for p in ps], [st["exp_avg"] for st in sts],
                                [st["exp_avg_sq"] for st in sts],
                                [st["max_exp_avg_sq"] for st in sts] if g["amsgrad"] else None,
