@@ -300,3 +300,21 @@ def test_hf_models_in_and_out():
         assert type(back[0]) is type(models[0])
         assert_close("unfused", back[2](input_ids=ids[2], attention_mask=mask[2]).logits, out[2], atol=1e-5,
                      rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_bert_fleet_under_torch_compile():
+    """torch.compile(fused) on a dynamo-captured fleet: exact at three sizes, one fusecc capture (inductor compiles
+    again for the dynamic sizes, then reuses it)."""
+    factory, _, _ = MODELS["bert"]
+    torch.manual_seed(9)
+    models = [factory().eval() for _ in range(N)]
+    fused = fusecc.fuse(models)
+    comp = torch.compile(fused)
+    with torch.no_grad():
+        for b, s in ((2, 10), (3, 17), (2, 12)):
+            ids, mask = _batch(b, s, seed=s)
+            y = comp(input_ids=ids, attention_mask=mask).logits
+            assert_close(f"{b}x{s}", y, _loop(models, "logits", input_ids=ids, attention_mask=mask), atol=1e-5,
+                         rtol=1e-4)
+    assert sum(len(v) for v in fused._fusecc_compiled.values()) == 1
