@@ -44,11 +44,6 @@ class _AllNames(set):
         return _AllNames()
 
 
-def rep_frontend(fused: "FusedModule") -> str:
-    last = fused._fusecc_last
-    return {"fx": "torch.fx", "dynamo": "torch._dynamo"}.get(last.frontend, last.frontend) if last else "?"
-
-
 class _Holder(nn.Module):
     """Stands at the qualname of one original submodule and holds its stacked parameters and buffers."""
 
@@ -351,6 +346,12 @@ class FusedModule(nn.Module):
         return last.report if last is not None else None
 
     @property
+    def captured_by(self) -> Optional[str]:
+        """What captured the most recent compile's graph: "torch.fx" or "torch._dynamo" (None before the first)."""
+        last = self._fusecc_last
+        return None if last is None else {"fx": "torch.fx", "dynamo": "torch._dynamo"}.get(last.frontend, last.frontend)
+
+    @property
     def code(self) -> str:
         """The generated Python source of the most recent compile."""
         last = self._fusecc_last
@@ -376,7 +377,7 @@ class FusedModule(nn.Module):
             lines.append("  not compiled yet: compiles at the first call (or fused.compile_for(example_inputs))")
         else:
             count = sum(len(v) for v in self._fusecc_compiled.values())
-            lines.append(f"  fused ops (compiled for {count} input signature(s), captured by {rep_frontend(self)}; "
+            lines.append(f"  fused ops (compiled for {count} input signature(s), captured by {self.captured_by}; "
                          "the last):")
             lines.append(rep.table())
         return "\n".join(lines)

@@ -292,8 +292,7 @@ def cmd_inspect(args: argparse.Namespace, progress: Progress) -> int:
         act = -1
     what = f"{type(models[0]).__name__} ({args.hf[0]} ...)" if args.hf else args.arch
     print(f"{what} x {n} models, {'shared input' if args.shared_input else 'one input per model'} "
-          f"{_shapes(inputs)}, {args.dtype} on {args.device}; captured by "
-          f"{'torch._dynamo' if fused._fusecc_last.frontend == 'dynamo' else 'torch.fx'}")
+          f"{_shapes(inputs)}, {args.dtype} on {args.device}; captured by {fused.captured_by}")
     print()
     print(f"{'layer kind':<24} {'fused':>5}  how")
     print(f"{'-' * 24} {'-' * 5}  {'-' * 50}")

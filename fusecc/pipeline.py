@@ -80,8 +80,8 @@ def compile_fleet(fleet: Fleet, arguments: Sequence[Tuple[str, Any]], shared: Se
 
 
 def _capture(fleet: Fleet, per_model: Sequence[Tuple[str, Any]], frontend: str) -> Tuple[fx.GraphModule, str]:
-    """The captured graph and the frontend that made it (auto: torch.fx, else dynamo, saying why in a warning
-    only if dynamo fails too)."""
+    """The captured graph and the frontend that made it. "auto": torch.fx, else dynamo; if both fail, one
+    FusionError with both reasons."""
     if frontend != "auto":
         return frontends.capture(frontend, fleet.prototype, per_model, fleet.leaf_modules), frontend
     try:

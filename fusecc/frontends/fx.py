@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import traceback
-from typing import Any, Dict, List, Sequence, Tuple, Type
+from typing import Any, List, Sequence, Tuple, Type
 
 import torch
 import torch.fx as fx
