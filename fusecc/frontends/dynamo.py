@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import FusionError
+from .fx import _user_frame
 
 
 class _Call(nn.Module):
@@ -125,15 +126,6 @@ def _qualnames(model: nn.Module) -> Dict[int, str]:
     return names
 
 
-def _user_frame(exc: BaseException) -> str:
-    import traceback
-
-    for f in reversed(traceback.extract_tb(exc.__traceback__)):
-        if "/torch/" not in f.filename and "/fusecc/" not in f.filename:
-            return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
-    return ""
-
-
 def capture(model: nn.Module, arguments: Sequence[Tuple[str, Any]], leaf_modules: Sequence[Any],
             stack_traces: bool = False) -> fx.GraphModule:
     import torch._dynamo as dynamo  # (imported here: seconds that `import fusecc` need not pay)
@@ -159,7 +151,7 @@ def capture(model: nn.Module, arguments: Sequence[Tuple[str, Any]], leaf_modules
         msg = str(e).strip().split("\n")
         raise FusionError(
             f"fusecc.fuse: torch._dynamo cannot capture {type(model).__name__} as one graph: {type(e).__name__}: "
-            f"{' '.join(msg[:6])[:1200]}" + (f"\n  at {where}" if where else "") +
+            f"{' '.join(msg[:6])[:1200]}" + (f"\n  at {where}" if where != "<unknown>" else "") +
             "\n  hint: dynamo resolves Python control flow at capture time, but not control flow on tensor values "
             "(`if x.sum() > 0`) or calls it cannot trace (graph breaks). Rewrite that branch with torch.where, or "
             "make it depend on constant (non-tensor) forward arguments."
