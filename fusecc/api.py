@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
+import weakref
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -20,10 +22,11 @@ from torch.utils._pytree import tree_unflatten
 
 from fusecc.kernels._backend import use_triton
 
+from . import lora
 from .check import check_models
 from .choose import Chooser
-from .errors import FusionError
-from .fleet import Constant, Fleet, StackedTensor
+from .errors import FusionError, Unshare
+from .fleet import Constant, Fleet, StackedTensor, placeholders, skeleton
 from .pipeline import Compiled, compile_fleet
 from .report import Report
 
@@ -76,17 +79,20 @@ class FusedModule(nn.Module):
         tune: bool = False,
         strict: bool = False,
         frontend: str = "auto",
+        share: bool = True,
     ):
         super().__init__()
         from .frontends import FRONTENDS
 
         if frontend != "auto" and frontend not in FRONTENDS:
             raise ValueError(f"fusecc.fuse: frontend={frontend!r}; expected 'auto' or one of {sorted(FRONTENDS)}")
-        models = check_models(models)
+        models, self._fusecc_lora = check_models(models, lora.prepare)  # (peft LoRA fleets: fusecc/lora.py)
         ref = models[0]
         n = len(models)
         self.num_models = n
-        proto = copy.deepcopy(ref)  # traced and shape-propagated; the user's models are never touched
+        # traced and shape-propagated, never run on data; its tensors become views of the fused module's at the end of
+        # _build (the user's models are never touched)
+        proto = skeleton(ref)
         self.__dict__["_fusecc_proto"] = proto
         self.__dict__["_fusecc_templates"] = {}
         self.__dict__["_fusecc_compiled"] = {}
@@ -98,7 +104,13 @@ class FusedModule(nn.Module):
         self._fusecc_strict = bool(strict)
         # the frontend asked for; "auto" settles on the one that captured the first compile (fusecc/frontends/)
         self._fusecc_frontend = frontend
+        if not isinstance(share, bool):
+            raise TypeError(f"fusecc.fuse: share must be True or False, got {share!r}")
+        self._fusecc_share = share
         sig = inspect.signature(proto.forward)
+        if any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()) and hasattr(proto, "get_base_model"):
+            # a peft PeftModel passes forward(*args, **kwargs) on to the model it wraps: that model's arguments
+            sig = inspect.signature(proto.get_base_model().forward)
         self.__dict__["_fusecc_sig"] = sig  # computed once: binding call arguments is on every forward's path
         self._fusecc_var_kw: Optional[str] = None  # forward's **kwargs: its keywords are fused as named arguments
         for p in sig.parameters.values():
@@ -125,6 +137,7 @@ class FusedModule(nn.Module):
     # ------------------------------------------------------------------ construction
     def _build(self, models: List[nn.Module], proto: nn.Module) -> None:
         self.training = proto.training
+        self._fusecc_shared_names: set = set()  # canonical names of the tensors stored once (equal in all models)
         for path, mod in proto.named_modules():
             if not path:
                 continue
@@ -145,9 +158,8 @@ class FusedModule(nn.Module):
             seen[id(p)] = name
             alias[name] = name
             param_names.add(name)
-            with torch.no_grad():
-                stacked = torch.stack([m.get_parameter(name).detach() for m in models])
-            self._register(name, nn.Parameter(stacked, requires_grad=p.requires_grad))
+            t = self._stack_or_share(name, [m.get_parameter(name).detach() for m in models])
+            self._register(name, nn.Parameter(t, requires_grad=p.requires_grad))
         for mod_path, mod in proto.named_modules(remove_duplicate=False):
             for bname, b in mod._buffers.items():
                 if b is None:
@@ -158,9 +170,8 @@ class FusedModule(nn.Module):
                     continue
                 seen[id(b)] = name
                 alias[name] = name
-                with torch.no_grad():
-                    stacked = torch.stack([m.get_buffer(name).detach() for m in models])
-                self._register(name, stacked, persistent=bname not in mod._non_persistent_buffers_set)
+                t = self._stack_or_share(name, [m.get_buffer(name).detach() for m in models])
+                self._register(name, t, persistent=bname not in mod._non_persistent_buffers_set)
         self._fusecc_alias = alias
         self._fusecc_param_names = param_names
         self._fusecc_state_keys = list(proto.state_dict().keys())
@@ -175,6 +186,117 @@ class FusedModule(nn.Module):
                     bname = f"_fusecc_const{len(self._fusecc_constants)}"
                     self.register_buffer(bname, vals[0].clone() if same else torch.stack(vals), persistent=False)
                     self._fusecc_constants[q] = (bname, not same)
+        self._register_load_state_dict_pre_hook(_FusedModule_load_hook, with_module=True)
+        self._register_state_dict_hook(_FusedModule_state_dict_hook)
+        self._link_prototype()
+
+    @torch.no_grad()
+    def _stack_or_share(self, name: str, values: List[Tensor]) -> Tensor:
+        """The N models' values of one tensor as the fused module holds it: stored once (a copy, never the user's
+        tensor) when every model's is bitwise equal and sharing is on, else stacked ``[N, ...]``."""
+        if self._fusecc_share and all(bitwise_equal(values[0], v) for v in values[1:]):
+            self._fusecc_shared_names.add(name)
+            return values[0].clone()
+        return torch.stack(values)
+
+    def _link_prototype(self) -> None:
+        """The prototype's parameters and buffers become views of the fused module's own (model 0's slice of a
+        stacked tensor, or the shared one): it is traced and shape-propagated, never run on data, and must not hold
+        a copy of a model (the weight storage of a fleet is one copy of what is shared plus N of the rest)."""
+        proto = self._fusecc_proto
+        made: Dict[str, Tensor] = {}
+        for name, canon in self._fusecc_alias.items():
+            parent, _, leaf = name.rpartition(".")
+            owner = proto.get_submodule(parent) if parent else proto
+            if canon not in made:
+                t = self._canonical_tensor(canon).detach()
+                view = t if canon in self._fusecc_shared_names else t[0]
+                if leaf in owner._parameters:
+                    view = nn.Parameter(view, requires_grad=owner._parameters[leaf].requires_grad)
+                made[canon] = view
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = made[canon]
+            else:
+                owner._buffers[leaf] = made[canon]
+        for canon in self._fusecc_shared_names & self._fusecc_param_names:  # an optimizer may get them in a list
+            _mark_shared(self.get_parameter(canon), self)
+        if self._fusecc_lora is not None:  # peft reads each adapter's scaling from its dict: the linked buffer
+            for path, ads in self._fusecc_lora.adapters.items():
+                layer = proto.get_submodule(path)
+                for ad in ads:
+                    layer.scaling[ad] = layer._buffers[lora.SCALE_BUFFER.format(ad)]
+
+    # ------------------------------------------------------------------ what the models share
+    @property
+    def shared_tensors(self) -> List[str]:
+        """The parameters and buffers stored once, because they were bitwise equal in every model (a frozen trunk, a
+        LoRA base); every other one is stacked ``[N, ...]``."""
+        return sorted(self._fusecc_shared_names)
+
+    def weight_bytes(self) -> Dict[str, int]:
+        """Bytes of parameters and buffers: ``shared`` (stored once), ``per_model`` (the stacked ones, all N
+        models), ``total``, and ``unfused``: what the N models take on their own."""
+        shared = per_model = 0
+        for canon in dict.fromkeys(self._fusecc_alias.values()):
+            t = self._canonical_tensor(canon)
+            if canon in self._fusecc_shared_names:
+                shared += t.numel() * t.element_size()
+            else:
+                per_model += t.numel() * t.element_size()
+        return {"shared": shared, "per_model": per_model, "total": shared + per_model,
+                "unfused": shared * self.num_models + per_model}
+
+    def unshare(self, names: Optional[Iterable[str]] = None) -> List[str]:
+        """Give every model its own copy of the shared tensors ``names`` (all of them by default), as if they had
+        differed at fuse time. The same ``nn.Parameter`` objects stay registered (an optimizer built on them keeps
+        working), now ``[N, ...]``; compiled forwards are dropped and made again. Returns the names un-shared."""
+        if names is None:
+            todo = sorted(self._fusecc_shared_names)
+        else:
+            todo = []
+            for k in ([names] if isinstance(names, str) else names):
+                canon = self._fusecc_alias.get(k)
+                if canon is None:
+                    raise KeyError(f"fusecc: unshare: '{k}' is not a parameter or buffer of {self._fusecc_source}")
+                if canon in self._fusecc_shared_names:
+                    todo.append(canon)
+        if not todo:
+            return []
+        n = self.num_models
+        with torch.no_grad():
+            for canon in todo:
+                t = self._canonical_tensor(canon)
+                stacked = t.detach().unsqueeze(0).expand((n,) + tuple(t.shape)).clone()
+                if isinstance(t, nn.Parameter):
+                    if t.grad is not None:
+                        t.grad = t.grad.unsqueeze(0).expand((n,) + tuple(t.shape)).clone()
+                    t.data = stacked  # the same Parameter object, now [N, ...]
+                else:
+                    parent, _, leaf = canon.rpartition(".")
+                    (self.get_submodule(parent) if parent else self)._buffers[leaf] = stacked
+                self._fusecc_shared_names.discard(canon)
+        self._fusecc_compiled.clear()
+        self.__dict__["_fusecc_last"] = None
+        self._link_prototype()
+        return todo
+
+    def _unshare_trainable(self, warn: bool = True) -> None:
+        """Shared parameters that require grad, in a forward with grad enabled, get a copy per model first: trained
+        as one tensor they would receive the sum of the N models' gradients and the models would stop being N
+        independent models."""
+        names = [k for k in self._fusecc_shared_names
+                 if k in self._fusecc_param_names and self.get_parameter(k).requires_grad]
+        if not names:
+            return
+        if warn and not self.training:
+            extra = sum(self.get_parameter(k).numel() * self.get_parameter(k).element_size() for k in names)
+            warnings.warn(
+                f"fusecc: {len(names)} parameter(s) equal in every model and stored once (e.g. '{sorted(names)[0]}') "
+                f"require grad, and the fused module runs with grad enabled: each model gets its own copy now "
+                f"(+{extra * (self.num_models - 1) / 2**20:.1f} MiB). For inference run under torch.no_grad() or "
+                "torch.inference_mode(); to keep them shared in training, freeze them (requires_grad_(False)).",
+                UserWarning, stacklevel=3)
+        self.unshare(names)
 
     def _register(self, name: str, t: Tensor, persistent: bool = True) -> None:
         parent, _, leaf = name.rpartition(".")
@@ -250,6 +372,8 @@ class FusedModule(nn.Module):
         return (tuple(sig), modes, dev), tensors
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._fusecc_shared_names and torch.is_grad_enabled():
+            self._unshare_trainable()
         entry, tensors = self._entry_for(args, kwargs)
         out = entry.fn(self, *tensors)
         if entry.out_spec is not None:  # (a dynamo capture returns a flat list: the model's structure, rebuilt)
@@ -263,7 +387,12 @@ class FusedModule(nn.Module):
     @torch._disable_dynamo
     def _compile(self, key: tuple, bound: List[Tuple[str, Any]]) -> Compiled:
         self._sync_prototype()
-        compiled = compile_fleet(self._fleet(), bound, self._fusecc_shared, self._fusecc_frontend)
+        for _ in range(len(self._fusecc_shared_names) + 1):
+            try:
+                compiled = compile_fleet(self._fleet(), bound, self._fusecc_shared, self._fusecc_frontend)
+                break
+            except Unshare as u:  # a shared tensor must be per-model here (BatchNorm statistics in training, ...)
+                self.unshare(u.names)
         if self._fusecc_frontend == "auto" and compiled.frontend != "fx":
             self._fusecc_frontend = compiled.frontend  # torch.fx could not trace this model: do not try it again
         for name, t in compiled.constants.items():  # what the generated forward reads: the module holds it
@@ -278,11 +407,11 @@ class FusedModule(nn.Module):
         """The prototype (traced and shape-propagated, never run on data) follows the module's device, dtype and
         train/eval modes."""
         proto = self._fusecc_proto
+        self._link_prototype()  # (after .to(), .half() or a load the module's tensors are new ones)
         ref = self._ref_tensor()
-        if ref is not None:
-            pref = next(iter(list(proto.parameters()) + list(proto.buffers())), None)
-            if pref is not None and (pref.device != ref.device or pref.dtype != ref.dtype):
-                proto.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+        if ref is not None:  # plain tensor attributes of the prototype follow the device
+            if any(isinstance(v, Tensor) and v.device != ref.device for m in proto.modules() for v in vars(m).values()):
+                proto.to(device=ref.device)
         fused_mods = dict(self.named_modules())
         for path, m in proto.named_modules():
             fm = fused_mods.get(path) if path else self
@@ -294,7 +423,9 @@ class FusedModule(nn.Module):
         tensors = {}
         for canon in dict.fromkeys(self._fusecc_alias.values()):
             t = self._canonical_tensor(canon)
-            tensors[canon] = StackedTensor(canon, tuple(t.shape[1:]), t.dtype, canon in self._fusecc_param_names)
+            shared = canon in self._fusecc_shared_names
+            tensors[canon] = StackedTensor(canon, tuple(t.shape if shared else t.shape[1:]), t.dtype,
+                                           canon in self._fusecc_param_names, shared)
         constants = {}
         for q, (bname, stacked) in self._fusecc_constants.items():
             t = self.get_buffer(bname)
@@ -367,11 +498,13 @@ class FusedModule(nn.Module):
             "shared by all models" if self._fusecc_shared and self._fusecc_shared >= set(self._fusecc_arg_names)
             else f"[N={self.num_models}, ...] per model"
         )
-        nparam = sum(p.numel() for p in self.parameters())
+        nparam = sum(p.numel() if k in self._fusecc_shared_names else p.numel() // self.num_models
+                     for k, p in self.named_parameters())
         lines = [
             f"FusedModule({self._fusecc_source} x {self.num_models} models, inputs {shared}, "
-            f"{nparam / self.num_models / 1e6:.2f}M parameters per model)"
+            f"{nparam / 1e6:.2f}M parameters per model)"
         ]
+        lines.append("  " + self._sharing_line())
         rep = self.fusion_report
         if rep is None:
             lines.append("  not compiled yet: compiles at the first call (or fused.compile_for(example_inputs))")
@@ -381,6 +514,24 @@ class FusedModule(nn.Module):
                          "the last):")
             lines.append(rep.table())
         return "\n".join(lines)
+
+    def _sharing_line(self) -> str:
+        """What the models share: bytes stored once and per model, the per-model tensors, where the fleet branches."""
+        wb = self.weight_bytes()
+        ns = len(self._fusecc_shared_names)
+        canon = list(dict.fromkeys(self._fusecc_alias.values()))
+        if not ns:
+            why = "" if self._fusecc_share else " (fuse(..., share=False))"
+            return f"weights: all {len(canon)} tensors per model{why}, {_mib(wb['per_model'])} for the N models"
+        per = [k for k in canon if k not in self._fusecc_shared_names]
+        names = ", ".join(per[:6]) + (f", ... ({len(per)} in all)" if len(per) > 6 else "")
+        line = (f"weights: {ns} of {len(canon)} tensors equal in every model, stored once ({_mib(wb['shared'])}); "
+                f"per model: {names or 'none'} ({_mib(wb['per_model'])} for the N models; unfused "
+                f"{_mib(wb['unfused'])})")
+        last = self._fusecc_last
+        if last is not None and last.report.branch is not None:
+            line += f"\n  the fleet branches at '{last.report.branch}' (the first layer whose weights differ)"
+        return line
 
     # ------------------------------------------------------------------ models in and out
     def _check_index(self, i: int) -> int:
@@ -398,7 +549,15 @@ class FusedModule(nn.Module):
     def model_state_dict(self, i: int) -> Dict[str, Tensor]:
         """Model i's weights as a state dict loadable into the original architecture (views, like state_dict)."""
         i = self._check_index(i)
-        return {k: self._canonical_tensor(self._fusecc_alias[k]).detach()[i] for k in self._fusecc_state_keys}
+        return {k: self._model_slice(self._fusecc_alias[k], i) for k in self._fusecc_state_keys}
+
+    def _model_slice(self, canon: str, i: int) -> Tensor:
+        """Model i's value of a canonical tensor (a view): its slice, or the shared tensor itself."""
+        t = self._canonical_tensor(canon).detach()
+        t = t if canon in self._fusecc_shared_names else t[i]
+        if self._fusecc_lora is not None:  # an adapter padded to the fleet's largest rank: model i's own rank
+            t = lora.unpad(self._fusecc_lora, canon, i, t)
+        return t
 
     def load_model_state_dict(self, i: int, state_dict: Mapping[str, Tensor]) -> None:
         """Load one model's weights (a state dict of the original architecture) into slot i."""
@@ -410,30 +569,36 @@ class FusedModule(nn.Module):
                 f"fusecc: load_model_state_dict({i}): the state dict does not fit {self._fusecc_source}: "
                 f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}"
             )
+        for k in self._fusecc_state_keys:
+            want = tuple(self._model_slice(self._fusecc_alias[k], i).shape)
+            if tuple(state_dict[k].shape) != want:
+                raise ValueError(
+                    f"fusecc: load_model_state_dict({i}): '{k}' has shape {list(state_dict[k].shape)}, the model "
+                    f"expects {list(want)}"
+                )
+        # a shared tensor that model i now has differently: every model gets its own copy first (correct results)
+        differ = [self._fusecc_alias[k] for k in self._fusecc_state_keys if self._fusecc_alias[k] in
+                  self._fusecc_shared_names and not bitwise_equal(self._canonical_tensor(self._fusecc_alias[k]),
+                                                                  state_dict[k])]
+        if differ and self.num_models > 1:
+            self.unshare(differ)
         with torch.no_grad():
             for k in self._fusecc_state_keys:
-                dst = self._canonical_tensor(self._fusecc_alias[k])
-                src = state_dict[k]
-                if tuple(src.shape) != tuple(dst.shape[1:]):
-                    raise ValueError(
-                        f"fusecc: load_model_state_dict({i}): '{k}' has shape {list(src.shape)}, the model expects "
-                        f"{list(dst.shape[1:])}"
-                    )
-                dst[i].copy_(src)
+                self._model_slice(self._fusecc_alias[k], i).copy_(state_dict[k])
 
     def unfuse(self) -> List[nn.Module]:
         """The N models as separate modules of the original class, with the current weights and buffers."""
         out = []
         modes = {p: m.training for p, m in self.named_modules()}
         for i in range(self.num_models):
-            m = copy.deepcopy(self._fusecc_proto)
+            m = skeleton(self._fusecc_proto)
             made: Dict[str, Tensor] = {}  # canonical name -> the new tensor, so tied weights stay tied
             with torch.no_grad():
                 for name, canon in self._fusecc_alias.items():
                     parent, _, leaf = name.rpartition(".")
                     owner = m.get_submodule(parent)
                     if canon not in made:
-                        src = self._canonical_tensor(canon).detach()[i].clone()
+                        src = self._model_slice(canon, i).clone()
                         if leaf in owner._parameters:
                             src = nn.Parameter(src, requires_grad=owner._parameters[leaf].requires_grad)
                         made[canon] = src
@@ -445,6 +610,8 @@ class FusedModule(nn.Module):
                 if path in modes:
                     sub.training = modes[path]
             m.training = self.training
+            if self._fusecc_lora is not None:
+                lora.restore(self._fusecc_lora, m, i)
             out.append(m)
         return out
 
@@ -464,17 +631,22 @@ class FusedModule(nn.Module):
         if len(set(idx)) != len(idx):
             dup = next(i for i in idx if idx.count(i) > 1)
             raise ValueError(f"fusecc: select(indices): index {dup} appears twice; each model can be selected once")
-        stacked = set(self._fusecc_alias.values()) | {b for b, st in self._fusecc_constants.values() if st}
-        memo: Dict[int, Any] = {}
+        stacked = set(self._fusecc_alias.values()) - self._fusecc_shared_names
+        stacked |= {b for b, st in self._fusecc_constants.values() if st}
+        memo: Dict[int, Any] = placeholders(self._fusecc_proto)  # (relinked below: no copy of the prototype's)
         with torch.no_grad():
             for name, p in self.named_parameters():
-                sel = torch.tensor(idx, device=p.device)
-                memo[id(p)] = nn.Parameter(p.index_select(0, sel).clone(), requires_grad=p.requires_grad)
+                sel = torch.tensor(idx, device=p.device) if name in stacked else None
+                data = p.index_select(0, sel).clone() if sel is not None else p.detach().clone()
+                memo[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
             for name, b in self.named_buffers():
                 if name in stacked:
                     memo[id(b)] = b.index_select(0, torch.tensor(idx, device=b.device)).clone()
         new = copy.deepcopy(self, memo)
         new.num_models = len(idx)
+        if self._fusecc_lora is not None:
+            new._fusecc_lora = self._fusecc_lora.select(idx)
+        new._link_prototype()
         return new
 
     def __getstate__(self) -> dict:
@@ -483,6 +655,80 @@ class FusedModule(nn.Module):
         state["_fusecc_last"] = None
         state.pop("_fusecc_modules", None)
         return state
+
+
+# id(parameter) -> (weak reference to it, weak reference to the FusedModule that stores it once for all models): an
+# optimizer given ``fused.parameters()`` finds the module to give each model its own copy before training
+_SHARED_OWNERS: Dict[int, Tuple[Any, Any]] = {}
+
+
+def _mark_shared(p: Tensor, module: "FusedModule") -> None:
+    key = id(p)
+    entry = _SHARED_OWNERS.get(key)
+    if entry is not None and entry[0]() is p and entry[1]() is module:
+        return
+    _SHARED_OWNERS[key] = (weakref.ref(p, lambda _, k=key: _SHARED_OWNERS.pop(k, None)), weakref.ref(module))
+
+
+def unshare_for_training(params: Iterable[Tensor]) -> None:
+    """Before an optimizer takes ``params``: trainable ones a FusedModule stores once for all models get a copy per
+    model (the same Parameter objects, now ``[N, ...]``), as its forward with grad enabled would do."""
+    for p in params:
+        entry = _SHARED_OWNERS.get(id(p))
+        if entry is not None and entry[0]() is p and p.requires_grad:
+            module = entry[1]()
+            if module is not None:
+                module._unshare_trainable(warn=False)
+
+
+def bitwise_equal(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors hold the same bits (same shape, dtype and device): NaN equals a NaN of the same bits, and
+    0.0 differs from -0.0, unlike ``torch.equal``. Sharing a weight on anything looser would change results."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+    if a.is_floating_point() or a.is_complex():
+        a, b = a.detach().contiguous().reshape(-1), b.detach().contiguous().reshape(-1)
+        if a.is_complex():
+            a, b = torch.view_as_real(a).reshape(-1), torch.view_as_real(b).reshape(-1)
+        as_int = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[a.element_size()]
+        return torch.equal(a.view(as_int), b.view(as_int))
+    return torch.equal(a, b)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 1024:.1f} KiB"
+
+
+def _FusedModule_state_dict_hook(module: "FusedModule", state_dict: dict, prefix: str, *args: Any) -> None:  # noqa: N802
+    """state_dict() reads as the original's with a leading N for every tensor: one stored once is given as a view
+    expanded to ``[N, ...]`` (no copy; torch.save writes its storage once)."""
+    n = module.num_models
+    for k, canon in module._fusecc_alias.items():
+        if canon in module._fusecc_shared_names and prefix + k in state_dict:
+            v = state_dict[prefix + k]
+            state_dict[prefix + k] = v.detach().unsqueeze(0).expand((n,) + tuple(v.shape))
+
+
+def _FusedModule_load_hook(module: "FusedModule", state_dict: dict, prefix: str, *args: Any) -> None:  # noqa: N802
+    """load_state_dict across sharing: a stacked ``[N, ...]`` value for a tensor stored once is loaded once if its N
+    slices are bitwise equal, else the tensor is un-shared first; a once-stored value for a stacked tensor is loaded
+    into every model."""
+    n = module.num_models
+    for k, canon in module._fusecc_alias.items():
+        v = state_dict.get(prefix + k)
+        if not isinstance(v, Tensor):
+            continue
+        t = module._canonical_tensor(canon)
+        if canon in module._fusecc_shared_names:
+            if v.dim() == t.dim() + 1 and v.shape[0] == n and tuple(v.shape[1:]) == tuple(t.shape):
+                if all(bitwise_equal(v[0], v[j]) for j in range(1, n)):
+                    state_dict[prefix + k] = v[0]
+                else:
+                    module.unshare([canon])
+        elif tuple(v.shape) == tuple(t.shape[1:]):
+            state_dict[prefix + k] = v.unsqueeze(0).expand(t.shape)
 
 
 def fuse(
@@ -494,6 +740,7 @@ def fuse(
     tune: bool = False,
     strict: bool = False,
     frontend: str = "auto",
+    share: bool = True,
 ) -> FusedModule:
     """Fuse N models of one architecture that differ only in their weights into ONE module.
 
@@ -516,6 +763,13 @@ def fuse(
             tracing: shape-generic, keeps ``leaf_modules``), ``"dynamo"`` (torch._dynamo, torch.compile's capture:
             Python control flow on sizes and configuration is resolved at capture and guarded; Hugging Face
             transformers models), or ``"auto"``: torch.fx, and dynamo when torch.fx cannot trace the model.
+        share: a parameter or buffer bitwise equal in every model (a frozen trunk, a LoRA base, a head left as it
+            was) is stored once and computed once: on a shared input once, on per-model inputs as one op over all N
+            batches. A shared parameter that requires grad gets a copy per model the first time the fused module
+            runs with grad enabled (trained as one tensor it would mix the models' gradients), so training is that
+            of N independent models; freeze it (``requires_grad_(False)``) to keep it shared while training the
+            rest. BatchNorm statistics in training mode and buffers a model writes become per-model the same way.
+            ``share=False`` stacks every tensor.
 
     Returns:
         A :class:`FusedModule`. ``fused(x)`` with ``x`` of shape ``[N, B, ...]`` returns ``[N, B, ...]`` where
@@ -528,7 +782,7 @@ def fuse(
         y = fused(torch.randn(8, 4, 3, 64, 64))   # [8, 4, 10]
     """
     fused = FusedModule(models, shared_inputs=shared_inputs, leaf_modules=leaf_modules, tune=tune, strict=strict,
-                        frontend=frontend)
+                        frontend=frontend, share=share)
     if example_inputs is not None:
         if isinstance(example_inputs, dict):
             fused.compile_for(**example_inputs)

@@ -23,11 +23,15 @@ PROVENANCE = {"name_or_path", "_name_or_path", "transformers_version", "_commit_
 
 
 def config_of(mod: nn.Module) -> dict:
-    """The non-tensor configuration of one module (its own attributes: stride, p, eps, ...)."""
+    """The non-tensor configuration of one module (its own attributes: stride, p, eps, ...). A module may name
+    attributes fusecc carries per model itself in ``_fusecc_per_model_config`` (a LoRA layer's scaling,
+    fusecc/lora.py)."""
+    skip = getattr(mod, "_fusecc_per_model_config", ())
     return {
         k: v
         for k, v in vars(mod).items()
-        if not k.startswith("_") and k != "training" and k not in PROVENANCE and not isinstance(v, (Tensor, nn.Module))
+        if not k.startswith("_") and k != "training" and k not in PROVENANCE and k not in skip
+        and not isinstance(v, (Tensor, nn.Module))
     }
 
 
@@ -44,8 +48,9 @@ def _same(a: Any, b: Any) -> bool:
     return repr(a) == repr(b)
 
 
-def check_models(models: Any) -> List[nn.Module]:
-    """Validate the models passed to ``fuse``; return them as a list."""
+def check_models(models: Any, prepare: Any = None) -> Any:
+    """Validate the models passed to ``fuse``; return them as a list (or, with ``prepare``, what
+    ``prepare(list_of_models)`` returns: ``(models to compare and fuse, extra)``)."""
     if isinstance(models, nn.Module) and not isinstance(models, (nn.ModuleList, nn.Sequential)):
         raise TypeError(
             f"fusecc.fuse: expected a sequence of models, got one {type(models).__name__}; pass a list, "
@@ -69,6 +74,13 @@ def check_models(models: Any) -> List[nn.Module]:
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise TypeError(f"fusecc.fuse: model {i} is a {type(m).__name__}, expected a torch.nn.Module")
+    if prepare is not None:
+        models, extra = prepare(models)
+        return _compare_models(models), extra
+    return _compare_models(models)
+
+
+def _compare_models(models: List[nn.Module]) -> List[nn.Module]:
     ref = models[0]
     ref_params = dict(ref.named_parameters(remove_duplicate=False))
     ref_bufs = dict(ref.named_buffers(remove_duplicate=False))

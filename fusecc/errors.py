@@ -22,6 +22,17 @@ class FusionInputError(FusionError, ValueError):
     a FusionError (compiling failed) and a ValueError (the call's arguments are at fault) at once."""
 
 
+class Unshare(Exception):
+    """Raised by a rule when a tensor the models share (stored once) must become per-model for this compile to be
+    right: BatchNorm running statistics updated in training, a buffer a model writes in place. The fused module
+    gives each model its own copy of ``names`` and compiles again; never seen by the user."""
+
+    def __init__(self, names, why: str):
+        super().__init__(f"{sorted(names)}: {why}")
+        self.names = set(names)
+        self.why = why
+
+
 def source_line(node: fx.Node) -> Optional[str]:
     """'File "...", line N, in fn : code' of the user code that created ``node``, if the trace recorded it."""
     st = getattr(node, "stack_trace", None) or node.meta.get("stack_trace")

@@ -7,6 +7,7 @@ module must add (constants the trace made, fallback templates) in its result, in
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Optional, Sequence, Tuple
 
@@ -16,12 +17,14 @@ import torch.nn as nn
 
 @dataclass(frozen=True)
 class StackedTensor:
-    """One stacked parameter or buffer ``[N, *shape]`` of the fused module, under its canonical qualname."""
+    """One parameter or buffer of the fused module, under its canonical qualname: stacked ``[N, *shape]``, or, when
+    it was bitwise equal in every model (a frozen trunk, a LoRA base), stored once as ``shape`` (``shared``)."""
 
     name: str
     shape: Tuple[int, ...]  # per model
     dtype: torch.dtype
     is_parameter: bool
+    shared: bool = False  # one value for every model: no model dim
 
     def meta(self) -> torch.Tensor:
         """A meta tensor of one model's slice (shape and dtype, no data)."""
@@ -59,5 +62,25 @@ class Fleet:
         canon = self.aliases.get(qualname)
         return None if canon is None else self.tensors[canon]
 
+    def is_shared(self, qualname: str) -> bool:
+        t = self.tensor(qualname)
+        return t is not None and t.shared
+
     def is_training(self, path: str) -> bool:
         return self.training.get(path, self.training.get("", False))
+
+
+def placeholders(module: nn.Module) -> Dict[int, Any]:
+    """A deepcopy memo that replaces every parameter and buffer of ``module`` by an empty meta tensor."""
+    memo: Dict[int, Any] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return memo
+
+
+def skeleton(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` (code, configuration, train/eval flags) whose parameters and buffers are empty meta
+    tensors, to be filled in or run with ``functional_call``: the prototype's tensors are views of the fused module's
+    stacked ones, and deepcopying them would copy every model."""
+    return copy.deepcopy(module, placeholders(module))

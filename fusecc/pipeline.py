@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
-from . import frontends
+from . import frontends, lora
 from .codegen import codegen, eliminate_dead_code
 from .epilogue import fuse_activations
 from .errors import FusionError, source_line
@@ -70,6 +70,8 @@ def compile_fleet(fleet: Fleet, arguments: Sequence[Tuple[str, Any]], shared: Se
     except FusionError as e:
         raise _with_source_line(e, fleet, per_model, frontend) from e.__cause__
     fuse_activations(graph, fleet.prototype, rewriter.report)
+    if fleet.kernels:  # (on the CPU the shrink and expand stay two batched GEMMs: the small-batch kernel's path)
+        lora.fuse_low_rank_updates(graph, rewriter.report)
     eliminate_dead_code(graph)
     guard_expr = gm.meta.get("fusecc_guard")
     guard = None

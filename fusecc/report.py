@@ -15,6 +15,7 @@ class Report:
         self.conversions: Counter = Counter()  # layout conversion kind (movedim, fold, ...) -> count
         self.fallbacks: List[Tuple[str, str, str]] = []  # (qualname, type, reason)
         self.choices: List[Tuple[str, str, str, str]] = []  # (layer, kind, lowering picked, "rule" / timings)
+        self.branch: Optional[str] = None  # the first layer whose weights differ between the models
 
     def record(self, kind: str, how: str) -> None:
         self.ops[(kind, how)] += 1

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import runtime
 from .choose import Chooser
-from .errors import FusionError, source_line
+from .errors import FusionError, Unshare, source_line
 from .fleet import Fleet
 from .report import Report
 from .rules import dispatch
@@ -49,6 +49,7 @@ class Rewriter:
         # what the fused module must hold for the generated code, returned with it (never written into the module)
         self.new_constants: Dict[str, Tensor] = {}  # tensors the trace made (torch.tensor(...) in forward)
         self.templates: Dict[str, torch.nn.Module] = {}  # qualname -> module run by the fallback loop
+        self.shared_tensors: Dict[fx.Node, str] = {}  # get_attr node of a tensor stored once -> its qualname
 
     @property
     def triton(self) -> bool:
@@ -116,11 +117,27 @@ class Rewriter:
 
     # ------------------------------------------------------------------ parameters
     def param(self, qualname: str) -> Optional[Value]:
-        """The stacked parameter/buffer of the original qualname as a ``Stacked(0)`` value, or None if absent."""
+        """The parameter/buffer of the original qualname, or None if absent: a ``Stacked(0)`` value, or a shared one
+        (no model dim) if every model has the same (fusecc/fleet.py)."""
         t = self.fleet.tensor(qualname)
         if t is None:
             return None
-        return Value(self.get_attr(t.name), Stacked(0), t.meta())
+        node = self.get_attr(t.name)
+        if t.shared:
+            self.shared_tensors[node] = t.name
+            return Value(node, None, t.meta())
+        if self.report.branch is None:  # the first layer that reads a per-model weight: where the fleet branches
+            n = self.node
+            self.report.branch = str(n.target) if n is not None and n.op == "call_module" else qualname
+        return Value(node, Stacked(0), t.meta())
+
+    def unshare(self, values: Sequence[Any], why: str) -> None:
+        """Raise :class:`Unshare` for those of ``values`` that are tensors the models share (stored once), so the
+        fused module gives each model its own copy and compiles again (fusecc/api.py)."""
+        names = {self.shared_tensors[v.node] for v in values
+                 if isinstance(v, Value) and isinstance(v.node, fx.Node) and v.node in self.shared_tensors}
+        if names:
+            raise Unshare(names, why)
 
     def mod_tensor(self, node: fx.Node, name: str) -> Optional[Value]:
         return self.param(f"{node.target}.{name}" if node.target else name)
@@ -265,7 +282,7 @@ class Rewriter:
                 continue
             try:
                 self.env[node] = dispatch.rewrite_node(self, node, args, kwargs)
-            except FusionError:
+            except (FusionError, Unshare):
                 raise
             except Exception as e:  # a rule failed: name the node
                 raise self.error(f"{type(e).__name__}: {e}") from e
@@ -295,7 +312,7 @@ class Rewriter:
             if isinstance(v, Value):
                 if v.is_tensor:
                     return self.stacked(v, 0).node
-                if v.per_model:  # a container value: convert its leaves
+                if v.per_model or _holds_tensor(v.meta):  # a container value: convert its leaves (shared ones too)
                     return self.map_container(v, lambda e: Value(conv(e), e.layout, e.meta)).node
                 return v.node
             if isinstance(v, (tuple, list)):
@@ -332,6 +349,15 @@ def container_kind(meta: Any) -> str:
     if type(meta).__module__ == "torch.return_types":
         return type(meta).__name__
     return "list" if isinstance(meta, list) else "tuple"
+
+
+def _holds_tensor(meta: Any) -> bool:
+    """Whether a container value (tuple, list, dict, ``torch.return_types``) has a tensor among its elements."""
+    if isinstance(meta, dict):
+        return any(isinstance(v, Tensor) or _holds_tensor(v) for v in meta.values())
+    if isinstance(meta, (tuple, list)):
+        return any(isinstance(v, Tensor) or _holds_tensor(v) for v in meta)
+    return False
 
 
 def _target_name(node: fx.Node) -> str:

@@ -65,9 +65,25 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.num_models = _num_models_of(params, num_models)
         self._param_names: Dict[int, str] = {}
         if hasattr(params, "named_parameters") and hasattr(params, "num_models"):
+            if hasattr(params, "_unshare_trainable"):  # equal weights stored once: each model its own to train
+                params._unshare_trainable(warn=False)
             named = [(k, p) for k, p in params.named_parameters() if p.requires_grad]
             self._param_names = {id(p): k for k, p in named}
             params = [p for _, p in named]
+        else:
+            from ..api import unshare_for_training
+
+            params = [p for p in params] if not isinstance(params, Tensor) else [params]
+            flat: List[Tensor] = []
+            for j, g in enumerate(params):
+                if isinstance(g, dict):
+                    ps = g["params"]
+                    ps = [ps] if isinstance(ps, Tensor) else list(ps)
+                    params[j] = {**g, "params": ps}
+                    flat += ps
+                else:
+                    flat.append(g)
+            unshare_for_training(flat)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -80,7 +96,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if p.dim() == 0 or p.shape[0] != n:
                 raise ValueError(
-                    f"fusecc.optim: every parameter must be stacked [N={n}, ...]; got one of shape {list(p.shape)}"
+                    f"fusecc.optim: every parameter must be stacked [N={n}, ...]; got one of shape {list(p.shape)}. "
+                    "A FusedModule stores a weight equal in every model once (no model dim): pass the FusedModule "
+                    "itself (fusecc.optim.AdamW(fused, ...)), which gives each model its own copy of the trainable "
+                    "ones, or call fused.unshare() first"
                 )
         for k in self._per_model:
             group[k] = self._expand(k, group[k])

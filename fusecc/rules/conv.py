@@ -17,6 +17,8 @@ from .registry import Decline, arg, const, register_rule
 
 _CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _CONVT_FNS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
+_CONV_OF = {nd: f for f, nd in _CONV_FNS.items()}
+_CONVT_OF = {nd: f for f, nd in _CONVT_FNS.items()}
 
 
 def conv(ctx, x: Value, w: Value, b, stride, padding, dilation, groups: int, nd: int) -> Value:
@@ -49,6 +51,13 @@ def conv(ctx, x: Value, w: Value, b, stride, padding, dilation, groups: int, nd:
         y = ctx.call(runtime.conv.stacked_conv, xf, w, b, stride, padding, dilation, groups * ctx.n, nd, impl)
         return ctx.out(y, Folded(ch))
     mb = b if b is not None and b.per_model else None  # a per-model bias: added after the shared conv
+    if not x.per_model and mb is None:  # weight and input shared: one conv computes every model's result
+        ctx.record(f"conv{nd}d", "one conv (weight and input shared by all models)")
+        return ctx.out(ctx.call(_CONV_OF[nd], x, w, b, stride, padding, dilation, groups), None)
+    if ch == 1 and mb is None:  # the models' batches one after another [N*B, C, *sp]: one ordinary conv
+        xf = ctx.folded(x, 0)
+        ctx.record(f"conv{nd}d", "one conv over the N*B batch (weight shared by all models)")
+        return ctx.out(ctx.call(_CONV_OF[nd], xf, w, b, stride, padding, dilation, groups), Folded(0))
     xs = ctx.stacked(x, 0)
     ctx.record(f"conv{nd}d", "one conv (weight shared by all models), N folded into the batch")
     y = ctx.call(runtime.conv.shared_weight_conv, xs, nd, False, w, None if mb is not None else b, stride, padding,
@@ -56,7 +65,7 @@ def conv(ctx, x: Value, w: Value, b, stride, padding, dilation, groups: int, nd:
     return ctx.out(y, Stacked(0))
 
 
-@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, on_shared=True)
 def fuse_conv_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     m = ctx.module(node)
     x = arg(args, kwargs, 0, "input")
@@ -89,6 +98,9 @@ def conv_transpose(ctx, x: Value, w: Value, b, stride, padding, output_padding, 
         raise Decline(f"conv_transpose{nd}d expects a {nd + 1}D or {nd + 2}D per-model input, got {x.rank}D")
     if not w.per_model:
         mb = b if b is not None and b.per_model else None
+        if not x.per_model and mb is None:
+            ctx.record(f"conv_transpose{nd}d", "one transposed conv (weight and input shared by all models)")
+            return ctx.out(ctx.call(_CONVT_OF[nd], x, w, b, stride, padding, output_padding, groups, dilation), None)
         ctx.record(f"conv_transpose{nd}d", "one transposed conv (weight shared by all models), N folded into the batch")
         y = ctx.call(runtime.conv.shared_weight_conv, ctx.stacked(x, 0), nd, True, w, None if mb is not None else b,
                      stride, padding, output_padding, groups, dilation, model_bias=mb)
@@ -102,7 +114,7 @@ def conv_transpose(ctx, x: Value, w: Value, b, stride, padding, output_padding, 
     return ctx.out(y, Folded(ch))
 
 
-@register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+@register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, on_shared=True)
 def fuse_conv_transpose_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     m = ctx.module(node)
     x = arg(args, kwargs, 0, "input")

@@ -22,6 +22,15 @@ def _any_pm(args: Any, kwargs: Any) -> bool:
     return bool(found)
 
 
+def _all_shared(ctx: Any, node: fx.Node, mod: Any, args: Any, kwargs: Any) -> bool:
+    """A module in eval mode with weights, all stored once (every model has the same), on inputs every model shares:
+    one call computes every model's result."""
+    names = [n for n, _ in mod.named_parameters()] + [n for n, _ in mod.named_buffers()]
+    if not names or any(m.training for m in mod.modules()) or _any_pm(args, kwargs):
+        return False
+    return all(ctx.fleet.is_shared(f"{node.target}.{n}") for n in names)
+
+
 def passthrough(ctx: Any, node: fx.Node, args: Any, kwargs: Any) -> Value:
     """Emit the node unchanged; its result is shared (no input carried a model dim)."""
     return ctx.out(ctx.emit_like(node, args, kwargs), None)
@@ -32,6 +41,8 @@ def rewrite_node(ctx: Any, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     if node.op == "call_module":
         mod = ctx.module(node)
         entry = module_entry(mod)
+        if (entry is None or not entry.on_shared) and _all_shared(ctx, node, mod, args, kwargs):
+            return fallback.once(ctx, node, args, kwargs)
         if entry is None:
             return fallback.loop(ctx, node, args, kwargs, f"no rule registered for {type(mod).__name__}")
         try:

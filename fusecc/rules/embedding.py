@@ -15,6 +15,10 @@ def embedding(ctx, idx: Value, w: Value, padding_idx, max_norm, scale_grad_by_fr
     """With ``max_norm`` the rows looked up are renormalised in place first, as F.embedding does: in the stacked table
     (each model's own rows), or in a shared table (the rows any model looks up: renormalising a row twice changes
     nothing more, so the models' order does not matter)."""
+    if not w.per_model and not idx.per_model:  # one table, shared indices: one lookup serves every model
+        ctx.record("embedding", "one lookup (table and indices shared by all models)")
+        return ctx.out(ctx.call(F.embedding, idx, w, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse),
+                       None)
     if not w.per_model:  # one table, per-model indices: one ordinary lookup
         ctx.record("embedding", "one lookup in the shared table")
         return ctx.out(ctx.call(F.embedding, ctx.stacked(idx, 0), w, padding_idx, max_norm, norm_type,
@@ -29,7 +33,7 @@ def embedding(ctx, idx: Value, w: Value, padding_idx, max_norm, scale_grad_by_fr
     return ctx.out(y, Stacked(0))
 
 
-@register_rule(nn.Embedding)
+@register_rule(nn.Embedding, on_shared=True)
 def fuse_embedding_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     m = ctx.module(node)
     return embedding(ctx, args[0], ctx.mod_tensor(node, "weight"), m.padding_idx, m.max_norm, m.scale_grad_by_freq,

@@ -7,7 +7,6 @@ the module so the user knows what did not fuse.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
@@ -17,6 +16,7 @@ from torch.utils._pytree import tree_map
 
 from .. import runtime
 from ..errors import FusionError
+from ..fleet import skeleton
 from ..values import Stacked, Value, has_model_dim
 from .registry import registered_summary
 
@@ -66,19 +66,41 @@ def loop(ctx, node: fx.Node, args: tuple, kwargs: dict, reason: str) -> Value:
         if v is None:
             raise FusionError(f"fusecc: module '{qual}': tensor '{n}' is not a parameter or buffer of the models")
         stacked.append(v)
-    if qual not in ctx.templates:  # the fused module adds it to its _fusecc_templates with the compiled forward
-        ctx.templates[qual] = copy.deepcopy(mod)
-    tmpl = ctx.call(lambda_getitem, ctx.get_attr("_fusecc_templates"), qual)
+    if mod.training:  # a module in training may update its buffers in place: each model its own
+        ctx.unshare([v for (n, _), v in zip(own, stacked) if n in dict(mod.named_buffers())],
+                    "a module run as a loop in training mode may update its buffers")
+    tmpl = _template(ctx, qual, mod)
     warn_fallback(qual, type(mod).__name__, reason)
     ctx.report.fallbacks.append((qual, type(mod).__name__, reason))
     ctx.record("fallback", "loop over the N models")
     y = ctx.call(
         runtime.loop.loop_module, tmpl, names, stacked, [a for a, _ in pa], [p for _, p in pa],
         {k: a for k, (a, _) in pk.items()}, {k: p for k, (_, p) in pk.items()}, ctx.n,
+        [v.per_model for v in stacked],
     )
     meta = node.meta.get("fusecc_pm")
     layout = tree_map(lambda m: Stacked(0) if isinstance(m, Tensor) else None, meta)
     return ctx.out(y, layout)
+
+
+def _template(ctx, qual: str, mod: torch.nn.Module) -> fx.Node:
+    """The fused-graph node of the module the loop runs (its code and configuration; weights come per call)."""
+    if qual not in ctx.templates:  # the fused module adds it to its _fusecc_templates with the compiled forward
+        ctx.templates[qual] = skeleton(mod)
+    return ctx.call(lambda_getitem, ctx.get_attr("_fusecc_templates"), qual)
+
+
+def once(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
+    """A module whose weights every model shares, in eval mode, on inputs every model shares: ONE call serves all
+    models (its result is shared), with the shared tensors (``torch.func.functional_call``)."""
+    mod = ctx.module(node)
+    qual = node.target
+    own = list(mod.named_parameters()) + list(mod.named_buffers())
+    tensors = [ctx.param(f"{qual}.{n}") for n, _ in own]
+    ctx.record("shared module", f"one {type(mod).__name__} call (weights and inputs shared by all models)")
+    y = ctx.call(runtime.loop.call_once, _template(ctx, qual, mod), [n for n, _ in own], tensors, tuple(args),
+                 dict(kwargs))
+    return ctx.out(y, None)
 
 
 def lambda_getitem(d: dict, key: str):

@@ -50,7 +50,7 @@ def linear(ctx, x: Value, w: Value, b: Value | None) -> Value:
     return ctx.out(ctx.call(F.linear, x, w, b), x.layout)
 
 
-@register_rule(nn.Linear)
+@register_rule(nn.Linear, on_shared=True)
 def fuse_linear_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     """N x Linear(K->M) on x [N, B, K] -> baddbmm with weight [N, M, K] (or one wide GEMM for a shared x)."""
     x = arg(args, kwargs, 0, "input")

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import runtime
-from ..values import Stacked, Value
+from ..values import Folded, Stacked, Value
 from .registry import Decline, arg, const, register_rule
 
 
@@ -26,9 +26,20 @@ def _per_model(ctx, t):
 def batch_norm(ctx, x: Value, rm, rv, w, b, training: bool, momentum, eps, nbt=None, kind="batch_norm") -> Value:
     if x.rank < 2:
         raise Decline(f"{kind} expects a per-model input with a channel dim (rank >= 2), got rank {x.rank}")
+    if training:  # running statistics stored once (equal in every model) must become each model's own to be updated
+        ctx.unshare([rm, rv, nbt], f"{kind} in training mode updates each model's running statistics")
     if training and any(isinstance(t, Value) and not t.per_model for t in (rm, rv)):
         raise Decline(f"{kind} in training mode with running statistics shared by all models: each model would "
                       "update the same tensor in turn. Give each model its own running statistics (buffers)")
+    if not training and not any(isinstance(t, Value) and t.per_model for t in (rm, rv, w, b)):
+        # statistics and affine shared (a frozen trunk): the plain op, on the shared input or on the N*B batch
+        if not x.per_model:
+            ctx.record(kind, "one batch_norm (statistics, affine and input shared by all models)")
+            return ctx.out(ctx.call(F.batch_norm, x, rm, rv, w, b, False, momentum, eps), None)
+        if x.layout in (Folded(0), Stacked(0)):
+            xb = ctx.folded(x, 0)
+            ctx.record(kind, "one batch_norm over the N*B batch (statistics and affine shared)")
+            return ctx.out(ctx.call(F.batch_norm, xb, rm, rv, w, b, False, momentum, eps), Folded(0))
     xf = ctx.folded(x, 1)
     args = [_per_model(ctx, t) for t in (rm, rv, w, b)]
     ctx.record(kind, "one batch_norm over N*C channels" + (" (train)" if training else " (eval)"))
@@ -36,7 +47,7 @@ def batch_norm(ctx, x: Value, rm, rv, w, b, training: bool, momentum, eps, nbt=N
     return ctx.out(y, xf.layout)
 
 
-@register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, on_shared=True)
 def fuse_batch_norm_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     m = ctx.module(node)
     x = args[0]
@@ -72,7 +83,7 @@ def fuse_instance_norm_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> 
     return ctx.out(y, xf.layout)
 
 
-@register_rule(nn.GroupNorm)
+@register_rule(nn.GroupNorm, on_shared=True)
 def fuse_group_norm_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     m = ctx.module(node)
     return group_norm(ctx, args[0], m.num_groups, ctx.mod_tensor(node, "weight"), ctx.mod_tensor(node, "bias"), m.eps)
@@ -81,6 +92,14 @@ def fuse_group_norm_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Val
 def group_norm(ctx, x: Value, groups: int, w, b, eps) -> Value:
     if x.rank < 2:
         raise Decline("group_norm expects a per-model input with a channel dim")
+    if not any(isinstance(t, Value) and t.per_model for t in (w, b)):  # a shared affine: per sample, any batch
+        if not x.per_model:
+            ctx.record("group_norm", "one group_norm (affine and input shared by all models)")
+            return ctx.out(ctx.call(F.group_norm, x, groups, w, b, eps), None)
+        if x.layout in (Folded(0), Stacked(0)) and x.rank > 2 or x.layout == Folded(0):
+            xb = ctx.folded(x, 0)
+            ctx.record("group_norm", "one group_norm over the N*B batch (affine shared)")
+            return ctx.out(ctx.call(F.group_norm, xb, groups, w, b, eps), Folded(0))
     xf = ctx.folded(x, 1)
     ctx.record("group_norm", "one group_norm with N*G groups")
     y = ctx.call(runtime.norm.group_norm, xf, groups * ctx.n, _per_model(ctx, w), _per_model(ctx, b), eps)
@@ -145,7 +164,7 @@ def layer_norm(ctx, x: Value, shape, w, b, eps, rms: bool = False) -> Value:
     return ctx.out(y, x.layout if x.per_model else Stacked(0))
 
 
-@register_rule(nn.LayerNorm)
+@register_rule(nn.LayerNorm, on_shared=True)
 def fuse_layer_norm_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     m = ctx.module(node)
     w, b = ctx.mod_tensor(node, "weight"), ctx.mod_tensor(node, "bias")
@@ -161,7 +180,7 @@ def fuse_layer_norm(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
 
 if hasattr(nn, "RMSNorm"):
 
-    @register_rule(nn.RMSNorm)
+    @register_rule(nn.RMSNorm, on_shared=True)
     def fuse_rms_norm_module(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
         m = ctx.module(node)
         return layer_norm(ctx, args[0], m.normalized_shape, ctx.mod_tensor(node, "weight"), None, m.eps, rms=True)

@@ -84,6 +84,8 @@ def fuse_elementwise(ctx, node: fx.Node, args: tuple, kwargs: dict) -> Value:
     new_args, new_kwargs = tuple(conv[: len(args)]), dict(zip(keys, conv[len(args):]))
     inplace = _is_inplace(node, kwargs)
     self_v = args[0] if args else None
+    if inplace and isinstance(self_v, Value) and not self_v.per_model and layout is not None:
+        ctx.unshare([self_v], "a model writes it in place with its own values")  # a buffer stored once: per model
     if inplace and isinstance(self_v, Value) and not self_v.per_model:
         # a shared tensor cannot hold per-model results in place: compute out of place instead, in the dtype the
         # in-place op keeps (x.lt_(y) stays float where x.lt(y) is bool)

@@ -7,7 +7,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..values import Value
+from ..values import Folded, Value
 from .registry import Decline, arg, const, register_rule
 
 _POOL_MODULES = {
@@ -39,8 +39,12 @@ def spatial(ctx, node: fx.Node, args: tuple, kwargs: dict, nd: int | None, kind:
     ch = x.rank - nd - 1
     if ch not in (0, 1):
         raise Decline(f"{kind} expects a {nd + 1}D or {nd + 2}D per-model input, got {x.rank}D")
-    xf = ctx.folded(x, ch)
-    ctx.record(kind, "on the folded tensor (model dim as channels)")
+    if ch == 1 and x.layout == Folded(0):  # the N*B batch of a shared-weight trunk: per sample, as it is
+        xf = x
+        ctx.record(kind, "on the N*B batch")
+    else:
+        xf = ctx.folded(x, ch)
+        ctx.record(kind, "on the folded tensor (model dim as channels)")
     new = ctx.emit_like(node, (xf,) + tuple(args[1:]), kwargs)
     meta = ctx.node.meta.get("fusecc_pm")
     lay = tuple(xf.layout for _ in meta) if isinstance(meta, tuple) else xf.layout

@@ -51,7 +51,9 @@ def register_rule(*targets: Any, on_shared: bool = False, by_name: bool = False,
     """Register ``rule`` for module types, functions and method names.
 
     With ``on_shared=False`` a node whose inputs are all shared (the same for every model) does not reach the rule:
-    it is emitted unchanged and its result is shared. Module rules always run (modules hold per-model weights).
+    it is emitted unchanged and its result is shared. Module rules always run, except for a module in eval mode whose
+    weights and inputs every model shares: unless its rule says ``on_shared=True`` (it computes that case once
+    itself), it runs once as it is (fusecc/rules/fallback.py ``once``).
 
     With ``by_name=True`` a function or method call reaches the rule bound to the overload torch would pick, as
     ``(first_argument,), {name: value}`` with every default filled in (:func:`fusecc.rules.schema.normalize`), so
@@ -67,7 +69,7 @@ def register_rule(*targets: Any, on_shared: bool = False, by_name: bool = False,
             if isinstance(t, str):
                 _METHODS[t] = Entry(rule, on_shared, by_name, rank0)
             elif isinstance(t, type) and issubclass(t, nn.Module):
-                _MODULES[t] = Entry(rule, True, False, rank0)
+                _MODULES[t] = Entry(rule, on_shared, False, rank0)
             else:
                 _FUNCTIONS[t] = Entry(rule, on_shared, by_name, rank0)
         return rule

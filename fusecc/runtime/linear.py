@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusecc.kernels import linear as kernels_linear
+from fusecc.kernels import lora as kernels_lora
 
 
 def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "none", impl: str = "bmm") -> Tensor:
@@ -24,6 +25,20 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str =
         y = torch.stack([F.linear(xi, wi, bi) for xi, wi, bi in zip(x.unbind(0), weight.unbind(0), bs)])
         return kernels_linear.reference.activation_(y, act)
     return kernels_linear.batched_linear(x, weight, bias, act)
+
+
+def low_rank_update(x: Tensor, a: Tensor, b: Tensor, scale: Tensor) -> Tensor:
+    """Every model's LoRA update ``scale[n] * (x[n] @ a[n]^T) @ b[n]^T`` in ONE launch on CUDA (the Triton kernel of
+    fusecc.kernels.lora: shrink and expand fused, like Punica's SGMV); the aten reference elsewhere.
+
+    x ``[N, *, K]``, a ``[N, r, K]``, b ``[N, M, r]``, scale ``[N]`` (per-model) or ``[]`` (shared) -> ``[N, *, M]``.
+    """
+    n = a.shape[0]
+    s = scale.detach().reshape(-1).to(torch.float32)
+    if s.numel() == 1:
+        s = s.expand(n)
+    y = kernels_lora.batched_lora_update(x.reshape(n, -1, x.shape[-1]), a, b, s.contiguous())
+    return y.reshape(x.shape[:-1] + (b.shape[1],))
 
 
 def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = "none") -> Tensor:

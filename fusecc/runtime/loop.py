@@ -3,7 +3,7 @@ with no rule), and the loop over the N models of a module with no rule (the fall
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -47,6 +47,7 @@ def loop_module(
     kwargs: Dict[str, Any],
     kw_per_model: Dict[str, bool],
     n: int,
+    stacked_per_model: Optional[List[bool]] = None,
 ) -> Any:
     """Run ``template`` once per model with model i's slice of every stacked parameter/buffer and input.
 
@@ -54,8 +55,9 @@ def loop_module(
     outputs are stacked on a new leading dim; non-tensor outputs are model 0's.
     """
     outs = []
+    pm = stacked_per_model if stacked_per_model is not None else [True] * len(names)
     for i in range(n):
-        params = {name: t[i] for name, t in zip(names, stacked)}
+        params = {name: (t[i] if p else t) for name, t, p in zip(names, stacked, pm)}
         a = tuple(x[i] if pm else x for x, pm in zip(args, per_model))
         k = {key: (x[i] if kw_per_model[key] else x) for key, x in kwargs.items()}
         outs.append(functional_call(template, params, a, k, strict=False, tie_weights=False))
@@ -66,3 +68,8 @@ def loop_module(
         for j in range(len(leaves0))
     ]
     return tree_unflatten(merged, spec)
+
+
+def call_once(template: torch.nn.Module, names: List[str], tensors: List[Tensor], args: tuple, kwargs: dict) -> Any:
+    """``template`` run once with ``tensors`` as its parameters and buffers (every model's: they share them)."""
+    return functional_call(template, dict(zip(names, tensors)), args, kwargs, strict=False, tie_weights=False)

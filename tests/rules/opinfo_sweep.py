@@ -467,7 +467,9 @@ def run_sample(form: Form, opinfo: Any, sample: Any, variant: str, idx: int, ran
     try:  # fused first: a model that writes its buffers in place must not change what is stacked
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fused = fusecc.fuse(models, shared_inputs=shared)
+            # share=False: the per-model buffers stay per model even where a permutation left them equal (a single
+            # value); buffers every model shares are the path of shared inputs, swept by the "shared" variants
+            fused = fusecc.fuse(models, shared_inputs=shared, share=False)
     except Exception as e:  # noqa: BLE001
         return out(ERROR, f"fuse(): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     try:
