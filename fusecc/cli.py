@@ -310,7 +310,7 @@ def cmd_inspect(args: argparse.Namespace, progress: Progress) -> int:
     print(f"parameters: {per_model:,} per model, {per_model * n:,} for {n} models"
           + (f"; {shared_params:,} of them equal in every model, stored once" if shared_params else ""))
     print(f"weights and buffers: {_mib(wb['shared'])} shared by all models (stored once, "
-          f"{len(fused.shared_tensors)} tensors), {_mib(wb['per_model'])} per model (all {n}); "
+          f"{len(fused.shared_tensors)} tensors), {_mib(wb['per_model'])} in per-model tensors ({n} models); "
           f"{_mib(wb['unfused'])} as {n} separate models")
     print(f"memory for {n} models: weights and buffers {_mib(weights)}, example input {_mib(inp)}, "
           + (f"activations at peak (inference, estimated) {_mib(act)}" if act >= 0 else "activations: not estimated"))

@@ -10,6 +10,8 @@ picks the backend once per call):
 - ``fusecc.kernels.conv1x1``: per-model pointwise convolution as a GEMM on channels-last data;
 - ``fusecc.kernels.layer_norm``: per-model LayerNorm;
 - ``fusecc.kernels.routed_linear``: each row routed to its model's weights (serving);
+- ``fusecc.kernels.lora``: every model's LoRA update ``scale * (x @ A^T) @ B^T`` in one launch (shrink and expand
+  fused, like Punica's SGMV), on routed rows or ``[N, T, K]``;
 - ``fusecc.kernels.optim``: the SGD-momentum / Adam(W) step over all stacked parameters, per-model settings.
 
 Backends: Triton on CUDA tensors, the reference anywhere else; ``FUSECC_KERNELS=reference`` or

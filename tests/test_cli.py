@@ -521,6 +521,13 @@ def test_inspect(tmp_path):
     assert "fallbacks: none" in out
     per_model = sum(p.numel() for p in cli_models.small_cnn().parameters())
     assert f"parameters: {per_model:,} per model, {per_model * n:,} for {n} models" in out
+    # BatchNorm's fresh affine and statistics are equal in the 3 models: stored once, and said so in bytes
+    fused = fusecc.fuse([cli_models.small_cnn() for _ in range(n)])
+    wb = fused.weight_bytes()
+    assert wb["shared"] > 0 and len(fused.shared_tensors) > 0
+    assert re.search(rf"^weights and buffers: [\d.,]+ (B|KiB|MiB) shared by all models \(stored once, "
+                     rf"{len(fused.shared_tensors)} tensors\), [\d.,]+ (B|KiB|MiB) in per-model tensors \({n} "
+                     r"models\); [\d.,]+ (B|KiB|MiB) as 3 separate models$", out, re.M), out
     mem = [ln for ln in out.splitlines() if ln.startswith(f"memory for {n} models:")]
     assert len(mem) == 1, out
     assert re.search(r"weights and buffers [\d.,]+ (B|KiB|MiB), example input [\d.,]+ (B|KiB|MiB), "

@@ -32,3 +32,16 @@ def test_readme_hf_example():
         ref = torch.stack([m(input_ids=ids[i], attention_mask=mask[i]).logits for i, m in enumerate(models)])
     assert_close("README", out.logits.detach(), ref, atol=1e-5, rtol=1e-4)
     assert sum(len(v) for v in ns["fused"]._fusecc_compiled.values()) == 1  # "no new capture"
+
+
+def test_readme_shared_weights_example():
+    ns: dict = {}
+    exec(compile(_block_after("### Shared weights"), "README.md", "exec"), ns)  # noqa: S102
+    fused, models, y = ns["fused"], ns["models"], ns["y"]
+    assert fused.shared_tensors and all(not k.startswith("fc.") for k in fused.shared_tensors)
+    text = repr(fused)
+    assert "120 of 122 tensors equal in every model, stored once (42.7 MiB); per model: fc.weight, fc.bias" in text
+    assert "the fleet branches at 'fc'" in text
+    assert fused.weight_bytes()["shared"] == 44744608 and fused.weight_bytes()["per_model"] == 164160
+    assert y.shape == (8, 4, 10)
+    assert fused.fusion_report.count("conv2d", "one conv over the N*B batch (weight shared by all models)") == 20
