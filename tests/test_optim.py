@@ -88,7 +88,34 @@ OPTIMIZERS = [
     ("RMSprop", dict(lr=[1e-3, 3e-3, 1e-2, 3e-4], alpha=[0.99, 0.9, 0.8, 0.95], momentum=[0.0, 0.9, 0.5, 0.0],
                      weight_decay=[0.0, 0.01, 0.0, 0.1])),
     ("RMSprop", dict(lr=[1e-3, 3e-3, 1e-2, 3e-4], centered=True, eps=[1e-8, 1e-6, 1e-7, 1e-5])),
+    ("RMSprop", dict(lr=[1e-3, 3e-3, 1e-2, 3e-4], centered=True, momentum=[0.9, 0.0, 0.5, 0.1], maximize=True,
+                     weight_decay=[0.1, 0.0, 0.01, 0.0])),
+    ("SGD", dict(lr=[0.1, 0.05, 0.02, 0.2], momentum=[0.9, 0.0, 0.5, 0.8], maximize=True, weight_decay=1e-2)),
 ]
+
+
+@pytest.mark.parametrize("opt_name", ["SGD", "RMSprop", "Adam"])
+def test_cpu_step_is_one_pass_kernel_per_model(opt_name, monkeypatch):
+    """On the CPU the step runs one-pass kernels, not a chain of torch ops: torch's fused SGD / Adam kernel once per
+    model over that model's slices, fusecc's C RMSprop kernel once per parameter."""
+    calls = []
+    if opt_name == "RMSprop":
+        import fusecc.optim as fo
+
+        real = fo._cpu_optim.rmsprop_step
+        monkeypatch.setattr(fo._cpu_optim, "rmsprop_step", lambda *a, **k: (calls.append(1), real(*a, **k)))
+        assert fo._cpu_optim.library() is not None
+    else:
+        name = "_fused_sgd_" if opt_name == "SGD" else "_fused_adam_"
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, **k: (calls.append(1), real(*a, **k)))
+    fused = fusecc.fuse(make_models(Net, N))
+    opt = getattr(fusecc.optim, opt_name)(fused, lr=[1e-3, 2e-3, 3e-3, 4e-3])
+    x, y = data(1)[0]
+    fusecc.per_model_loss(F.cross_entropy, fused(x), y).sum().backward()
+    opt.step()
+    nparams = sum(1 for p in fused.parameters() if p.requires_grad)
+    assert len(calls) == (nparams if opt_name == "RMSprop" else N)
 
 
 @pytest.mark.parametrize("opt_name,kwargs", OPTIMIZERS, ids=[f"{o}-{i}" for i, (o, _) in enumerate(OPTIMIZERS)])

@@ -6,9 +6,13 @@ arithmetic as ``torch.optim``'s single-tensor implementations, so K fused steps 
 ``torch.optim`` optimizers. All updates are element-wise, so a NaN in one model's gradient never reaches
 another model's parameters or state.
 
-On CUDA, an SGD or Adam/AdamW step updates all parameters of a param group and dtype in one fused Triton launch
-(``fusecc.kernels.optim``, fp32 math); CPU parameters, and any the kernel cannot take, go through aten ops one
-parameter at a time. ``fusecc.kernels.use_backend`` picks between them (``"reference"``: aten everywhere).
+Every step is one pass over memory, behind the same classes on both devices. On CUDA, an SGD or Adam/AdamW step
+updates all parameters of a param group and dtype in one fused Triton launch (``fusecc.kernels.optim``, fp32 math).
+On the CPU, Adam/AdamW and SGD run torch's own fused CPU kernels (``torch._fused_adam(w)_``, ``torch._fused_sgd_``)
+once per model over that model's slices of every parameter, and RMSprop fusecc's C kernel
+(``fusecc.kernels.optim.cpu``). Parameters none of them can take (RMSprop on CUDA, non-contiguous ones, a C kernel
+that cannot be built) go through aten ops one parameter at a time. ``fusecc.kernels.use_backend`` picks between
+them (``"reference"``: aten everywhere).
 
 Examples::
 
@@ -27,6 +31,7 @@ from torch import Tensor
 
 from ..kernels import _backend
 from ..kernels import optim as _kernels  # fused Triton steps; imports no triton until a step picks it
+from ..kernels.optim import cpu as _cpu_optim  # the CPU RMSprop step (C)
 from . import lr_scheduler  # noqa: F401  (fusecc.optim.lr_scheduler)
 
 PerModel = _kernels.PerModel  # a scalar, or one value per model
@@ -242,7 +247,39 @@ class SGD(FusedOptimizer):
             d = upd
         _axpy_(p, d, self._hp([-x for x in g["lr"]], p))
 
+    def _cpu_fused_ok(self, p: Tensor) -> bool:
+        gr, buf = p.grad, self.state[p].get("momentum_buffer")
+        return (p.device.type == "cpu" and p.dtype in _CPU_FUSED_DTYPES and p.is_contiguous()
+                and gr.layout == torch.strided and gr.dtype == p.dtype and gr.shape == p.shape and gr.is_contiguous()
+                and (buf is None or (buf.dtype == p.dtype and buf.shape == p.shape and buf.is_contiguous())))
+
+    def _cpu_fused_step(self, g: Dict[str, Any], params: List[Tensor]) -> None:
+        """torch's own fused CPU SGD kernel, once per model over that model's slices of every parameter (one pass
+        over memory, each model with its own lr, momentum, dampening and weight decay)."""
+        has_momentum = any(g["momentum"])
+        new = {id(p) for p in params if has_momentum and "momentum_buffer" not in self.state[p]}
+        for first in ((True, False) if has_momentum else (False,)):
+            ps = [p for p in params if (id(p) in new) == first]
+            if not ps:
+                continue
+            if first:  # the kernel writes buf = d at the first step, as torch's grad.clone()
+                for p in ps:
+                    self.state[p]["momentum_buffer"] = torch.empty_like(p)
+            for i in range(self.num_models):
+                m = g["momentum"][i]
+                bufs = [self.state[p]["momentum_buffer"][i] for p in ps] if m != 0 else []
+                torch._fused_sgd_([p[i] for p in ps], [p.grad[i] for p in ps], bufs,
+                                  weight_decay=g["weight_decay"][i], momentum=m, lr=g["lr"][i],
+                                  dampening=g["dampening"][i], nesterov=g["nesterov"], maximize=g["maximize"],
+                                  is_first_step=first)
+
     def _kernel_step(self, g: Dict[str, Any], params: List[Tensor]) -> List[Tensor]:
+        if _backend.use_cpu_kernels(None, "sgd"):  # (not under "reference"; not "triton": its interpreter tests)
+            cpu = [p for p in params if self._cpu_fused_ok(p)]
+            if cpu:
+                self._cpu_fused_step(g, cpu)
+                done = {id(p) for p in cpu}
+                params = [p for p in params if id(p) not in done]
         has_momentum = any(g["momentum"])
         buckets, rest = self._kernel_buckets(
             params, "sgd_step", lambda p: has_momentum and "momentum_buffer" not in self.state[p],
@@ -395,14 +432,36 @@ class RMSprop(FusedOptimizer):
                         maximize=maximize)
         super().__init__(params, defaults, num_models)
 
+    def _init_state(self, g: Dict[str, Any], p: Tensor, st: Dict[str, Any]) -> None:
+        st["step"] = torch.zeros((), dtype=torch.float32)
+        st["square_avg"] = torch.zeros_like(p)
+        if any(g["momentum"]):
+            st["momentum_buffer"] = torch.zeros_like(p)
+        if g["centered"]:
+            st["grad_avg"] = torch.zeros_like(p)
+
+    def _kernel_step(self, g: Dict[str, Any], params: List[Tensor]) -> List[Tensor]:
+        """On the CPU (float32, under the "auto" backend) the C kernel of fusecc.kernels.optim.cpu: one pass over
+        p, grad and the states per parameter, every hyper-parameter per model."""
+        if not params or not _backend.use_cpu_kernels(None, "rmsprop"):
+            return params
+        rest = []
+        for p in params:
+            st = self.state[p]
+            if not st:
+                self._init_state(g, p, st)
+            if not _cpu_optim.usable(p, p.grad, st["square_avg"], st.get("momentum_buffer"), st.get("grad_avg")):
+                rest.append(p)
+                continue
+            st["step"] += 1
+            _cpu_optim.rmsprop_step(p.detach(), p.grad, st["square_avg"], st.get("momentum_buffer"),
+                                    st.get("grad_avg"), g["lr"], g["alpha"], g["eps"], g["weight_decay"],
+                                    g["momentum"], g["centered"], g["maximize"])
+        return rest
+
     def _update(self, g: Dict[str, Any], p: Tensor, grad: Tensor, st: Dict[str, Any]) -> None:
         if not st:
-            st["step"] = torch.zeros((), dtype=torch.float32)
-            st["square_avg"] = torch.zeros_like(p)
-            if any(g["momentum"]):
-                st["momentum_buffer"] = torch.zeros_like(p)
-            if g["centered"]:
-                st["grad_avg"] = torch.zeros_like(p)
+            self._init_state(g, p, st)
         st["step"] += 1
         if any(g["weight_decay"]):
             grad = _axpy(grad, p, self._hp(g["weight_decay"], p))

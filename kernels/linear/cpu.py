@@ -22,12 +22,7 @@ and ``fusecc.export`` runs the aten reference). Under torch.compile it runs as t
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 from typing import Optional, Tuple
@@ -35,7 +30,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, _cpu_build
 from .reference import activation_
 
 # rows per model where the kernel beats MKL's bmm (bench/bench_small_gemm.py, cold caches). First measured at N=16:
@@ -47,58 +42,18 @@ MIN_ROWS, MAX_ROWS = 2, 8
 # smaller (8 x Linear(64, 64): 14 vs 22 us; 8 x Linear(256, 128): the kernel 1.06x faster)
 MIN_WEIGHTS = 256 * 1024
 ACT_CODES = {"none": 0, "relu": 1}  # in the kernel's epilogue; gelu and silu run in place on its output
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c99", "-shared", "-fPIC")
+FLAGS = _cpu_build.FLAGS
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemm.c")
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded CDLL or None, "why": the reason it is not in use
 
 
-def _cache_dir() -> str:
-    root = os.environ.get("FUSECC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fusecc")
-    return os.path.join(root, "cpu-kernels")
-
-
-def _compiler() -> Optional[str]:
-    cc = os.environ.get("CC")
-    return shutil.which(cc) if cc else (shutil.which("cc") or shutil.which("gcc"))
-
-
 def _build() -> Tuple[Optional[ctypes.CDLL], str]:
     """(the loaded library, "") or (None, why not)."""
-    if os.environ.get("FUSECC_CPU_KERNELS", "1") in ("0", "off", "false", ""):
-        return None, "turned off by FUSECC_CPU_KERNELS=0"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None, f"needs an x86-64 CPU, this is {platform.machine()}"
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None, f"needs AVX2 and FMA; torch reports CPU capability {torch.backends.cpu.get_cpu_capability()}"
-    cc = _compiler()
-    if cc is None:
-        return None, "no C compiler found (set $CC, or install gcc)"
-    with open(SOURCE, "rb") as f:
-        src = f.read()
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, f"{cc} --version failed: {e}"
-    key = hashlib.sha256(src + "\0".join((cc, version) + FLAGS).encode()).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"cpu_gemm-{key}.so")
-    if not os.path.exists(path):
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
-            os.close(fd)
-            proc = subprocess.run([cc, *FLAGS, SOURCE, "-o", tmp], capture_output=True, text=True, timeout=300)
-            if proc.returncode != 0:
-                os.unlink(tmp)
-                return None, f"{cc} failed to compile {SOURCE}: {proc.stderr.strip()[-500:]}"
-            os.replace(tmp, path)  # atomic: processes building at once each rename a complete library
-        except (OSError, subprocess.SubprocessError) as e:
-            return None, f"could not build {path}: {e}"
-    try:
-        lib = ctypes.CDLL(path)
-    except OSError as e:
-        return None, f"could not load {path}: {e}"
+    lib, why = _cpu_build.build(SOURCE, "cpu_gemm", FLAGS)
+    if lib is None:
+        return None, why
     fn = lib.fusecc_small_gemm
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64,

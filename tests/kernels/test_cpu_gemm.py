@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import fusecc
-from fusecc.kernels import _backend, use_backend
+from fusecc.kernels import _backend, _cpu_build, use_backend
 from fusecc.kernels.linear import ACTIVATIONS, batched_linear, cpu, reference, wide_linear
 
 from ._util import assert_close
@@ -206,7 +206,7 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch, tmp_path):
 
 def test_other_cpus_fall_back_silently(monkeypatch):
     """Not x86-64: nothing the user can fix, so bmm runs without a warning."""
-    monkeypatch.setattr(cpu.platform, "machine", lambda: "arm64")
+    monkeypatch.setattr(_cpu_build.platform, "machine", lambda: "arm64")
     cpu._reset()
     try:
         x, w = torch.randn(2, 8, 16), torch.randn(2, 4, 16)
