@@ -656,3 +656,26 @@ def run_grid(kind: str, a: Any, step: str, bench_row: Callable[[str, int, Any], 
                 rows.append(bench_row(model, n, rates))
                 gc.collect()  # the row's models, inputs and providers are gone; free what cycles still hold
     return rows, time.perf_counter() - start, info
+
+
+def interleaved_medians(providers: Dict[str, Callable[[], Any]], reps: int, budget_s: Optional[float] = None
+                        ) -> Dict[str, float]:
+    """Median ms per provider: one warm-up call each, then repetitions that run every provider once in a shuffled
+    order (all see the same machine noise); at least 3 repetitions, then up to ``reps`` or the time budget."""
+    import random
+    import statistics
+
+    times: Dict[str, List[float]] = {k: [] for k in providers}
+    for f in providers.values():
+        f()
+    order = list(providers)
+    start = time.perf_counter()
+    for r in range(reps):
+        random.shuffle(order)
+        for k in order:
+            t = time.perf_counter()
+            providers[k]()
+            times[k].append((time.perf_counter() - t) * 1e3)
+        if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return {k: statistics.median(v) for k, v in times.items()}

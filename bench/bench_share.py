@@ -29,12 +29,9 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import random
-import statistics
 import sys
-import time
 import warnings
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import torch
 import torchvision
@@ -42,32 +39,13 @@ import torchvision
 import fusecc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, print_machine  # noqa: E402
+from _common import interleaved_medians, machine_info, print_machine  # noqa: E402
 
 MAX_REL_ERR = 1e-4
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-def timed(providers: Dict[str, Callable[[], Any]], reps: int, budget_s: float) -> Dict[str, float]:
-    """Median ms per provider, interleaved in shuffled order, at least 3 repetitions, at most ``reps`` or the
-    time budget."""
-    times: Dict[str, List[float]] = {k: [] for k in providers}
-    for f in providers.values():  # warm-up
-        f()
-    start = time.perf_counter()
-    order = list(providers)
-    for r in range(reps):
-        random.shuffle(order)
-        for k in order:
-            t = time.perf_counter()
-            providers[k]()
-            times[k].append((time.perf_counter() - t) * 1e3)
-        if r >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def check(outs: Dict[str, torch.Tensor], ref: torch.Tensor) -> Dict[str, float]:
@@ -105,7 +83,7 @@ def trunk_rows(a: argparse.Namespace) -> List[Dict[str, Any]]:
             with torch.no_grad():
                 ref = prov["loop"]()
                 check({k: prov[k]() for k in ("fusecc-stacked", "fusecc")}, ref)
-                ms = timed(prov, a.reps, a.budget)
+                ms = interleaved_medians(prov, a.reps, a.budget)
             wb = fused.weight_bytes()
             trunk = sum(t.numel() * t.element_size() for k, t in one.state_dict().items() if not k.startswith("fc."))
             head = sum(t.numel() * t.element_size() for k, t in one.state_dict().items() if k.startswith("fc."))
@@ -174,7 +152,7 @@ def lora_rows(a: argparse.Namespace) -> List[Dict[str, Any]]:
             with torch.no_grad():
                 ref = prov["loop"]()
                 check({k: prov[k]() for k in ("peft-mixed", "fusecc")}, ref)
-                ms = timed(prov, a.reps, a.budget)
+                ms = interleaved_medians(prov, a.reps, a.budget)
             wb = fused.weight_bytes()
             rows.append({"n": n, "b": b, "ms": ms, "stored_mib": wb["total"] / 2**20,
                          "unfused_mib": wb["unfused"] / 2**20})

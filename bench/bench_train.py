@@ -70,11 +70,12 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -92,13 +93,20 @@ from _common import (COMPILED, CSV_FIELDS, D_MODEL, MAX_REL_ERR, MODELS, PROVIDE
 from _floor import MachineRates
 
 F64_MAX_REL_ERR = 1e-9  # the float64 diagnosis: rounding there is ~1e-16 relative, so more means another function
+# AdamW's first step moves a parameter by lr * g / (|g| + eps): a gradient that is mathematically zero (the bias of a
+# BatchNorm followed by a conv and a train-mode BatchNorm) and is rounding noise of ~1e-14 in float64 moves it by
+# lr * 1e-14 / 1e-8, ~1e-9 of the weights' scale (vmap and fusecc alike, on those tensors): the bound of --optim adamw
+F64_MAX_REL_ERR_ADAMW = 1e-8
 NUM_CLASSES = 10
 MOMENTUM = 0.9
-LR_MIN, LR_MAX = 0.01, 0.05  # model i's learning rate, spread evenly over the N models
+LR_MIN, LR_MAX = 0.01, 0.05  # model i's learning rate, spread evenly over the N models (SGD)
+ADAMW_LR_MIN, ADAMW_LR_MAX, ADAMW_DECAY = 1e-3, 5e-3, 0.01  # --optim adamw
+OPTIM = "sgd"  # the optimizer of every provider: "sgd" (momentum) or "adamw" (--optim)
 
 
 def learning_rates(n: int) -> List[float]:
-    return [LR_MIN + (LR_MAX - LR_MIN) * i / max(n - 1, 1) for i in range(n)]
+    lo, hi = (LR_MIN, LR_MAX) if OPTIM == "sgd" else (ADAMW_LR_MIN, ADAMW_LR_MAX)
+    return [lo + (hi - lo) * i / max(n - 1, 1) for i in range(n)]
 
 
 def train_mode(model: nn.Module) -> nn.Module:
@@ -142,8 +150,13 @@ def stacked_state(models: Sequence[nn.Module]) -> Dict[str, Tensor]:
 
 
 def build_loop(models: List[nn.Module], lrs: List[float], loss: Loss, x: Tensor) -> Trainer:
-    """The N eager models one after the other, each with its own torch.optim.SGD."""
-    opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=MOMENTUM) for m, lr in zip(models, lrs)]
+    """The N eager models one after the other, each with its own torch.optim.SGD (AdamW: torch.optim.AdamW with
+    fused=True, torch's one-pass CPU kernel, what a careful user runs)."""
+    if OPTIM == "adamw":
+        opts = [torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=ADAMW_DECAY, fused=True)
+                for m, lr in zip(models, lrs)]
+    else:
+        opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=MOMENTUM) for m, lr in zip(models, lrs)]
 
     def step(x: Tensor, y: Tensor) -> None:
         for i, (m, opt) in enumerate(zip(models, opts)):
@@ -170,9 +183,31 @@ def vmap_trainer(models: List[nn.Module], lrs: List[float], loss: Loss, compiled
     lr = torch.tensor(lrs, dtype=next(iter(params.values())).dtype)  # the parameters' dtype: a float32 vector
     # would round the learning rates of float64 models
     momentum_buffers: Dict[str, Tensor] = {}
+    adam_state: Dict[str, Any] = {}
+
+    def adamw_update() -> None:
+        """torch.optim.AdamW's update written on the stacked tensors with the vector of the N learning rates (what a
+        torch.func user writes: torch's optimizers take one lr per tensor)"""
+        t = adam_state["step"] = adam_state.get("step", 0) + 1
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        for k, p in params.items():
+            if p.grad is None:
+                continue
+            m, v = adam_state.setdefault(k, (torch.zeros_like(p), torch.zeros_like(p)))
+            lr_k = lr.view(-1, *[1] * (p.dim() - 1))
+            p.mul_(1 - lr_k * ADAMW_DECAY)
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
+            p.addcdiv_(m, denom * (1 - b1**t) / lr_k, value=-1.0)
+            p.grad = None
 
     def step(x: Tensor, y: Tensor) -> None:
         forward(params, buffers, x, y).backward()
+        if OPTIM == "adamw":
+            with torch.no_grad():
+                adamw_update()
+            return
         with torch.no_grad():  # torch.optim.SGD's update (dampening 0, no weight decay), model i with lr[i]
             for k, p in params.items():
                 if p.grad is None:
@@ -198,7 +233,10 @@ def build_vmap_compile(models: List[nn.Module], lrs: List[float], loss: Loss, x:
 
 def fusecc_trainer(models: List[nn.Module], lrs: List[float], loss: Loss, x: Tensor, compiled: bool) -> Trainer:
     fused = train_mode(fusecc.fuse(models))  # .train(), then the Dropout modules back to eval as in the models
-    opt = fusecc.optim.SGD(fused, lr=lrs, momentum=MOMENTUM)
+    if OPTIM == "adamw":
+        opt = fusecc.optim.AdamW(fused, lr=lrs, weight_decay=ADAMW_DECAY)
+    else:
+        opt = fusecc.optim.SGD(fused, lr=lrs, momentum=MOMENTUM)
     forward = torch.compile(fused.compile_for(x)) if compiled else fused  # fusecc's own compile first, eagerly
 
     def step(x: Tensor, y: Tensor) -> None:
@@ -243,7 +281,8 @@ class Result(ResultBase):
 
     @property
     def f64_ok(self) -> bool:
-        return not self.f64_error and self.f64_rel_err is not None and self.f64_rel_err < F64_MAX_REL_ERR
+        bound = F64_MAX_REL_ERR_ADAMW if OPTIM == "adamw" else F64_MAX_REL_ERR
+        return not self.f64_error and self.f64_rel_err is not None and self.f64_rel_err < bound
 
 
 def check_keys(state: Dict[str, Tensor], ref: Dict[str, Tensor]) -> None:
@@ -426,13 +465,21 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap = arg_parser(__doc__)
     ap.add_argument("--no-f64", dest="f64", action="store_false",
                     help="skip the float64 diagnosis (one more step per provider per row, in float64)")
+    ap.add_argument("--optim", choices=["sgd", "adamw"], default="sgd",
+                    help="every provider's optimizer: SGD with momentum (default) or AdamW (loop: "
+                         "torch.optim.AdamW(fused=True) per model; fusecc: fusecc.optim.AdamW; vmap: written by hand)")
     return finish_args(ap, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    global OPTIM
     a = parse_args(argv)
-    step = (f"one step = forward + loss (F.cross_entropy; transformer: F.mse_loss) + backward + SGD (momentum "
-            f"{MOMENTUM:g}, lr per model {LR_MIN:g}..{LR_MAX:g}); train mode, Dropout in eval")
+    OPTIM = a.optim
+    opt_desc = (f"SGD (momentum {MOMENTUM:g}, lr per model {LR_MIN:g}..{LR_MAX:g})" if OPTIM == "sgd" else
+                f"AdamW (lr per model {ADAMW_LR_MIN:g}..{ADAMW_LR_MAX:g}, weight decay {ADAMW_DECAY:g}; loop: "
+                "torch.optim.AdamW(fused=True))")
+    step = (f"one step = forward + loss (F.cross_entropy; transformer: F.mse_loss) + backward + {opt_desc}; "
+            "train mode, Dropout in eval")
     rows, total_s, info = run_grid(
         "training", a, step,
         lambda model, n, rates: bench_row(model, n, a.batch, a.res, a.reps, a.row_budget, a.f64,
@@ -441,7 +488,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"run); max rel err = max over the parameters and buffers of max |w - w_loop| / max |w_loop| per tensor "
           f"after one float32 step, over the providers (must be < {MAX_REL_ERR:g}); f64 rel err = the same step in "
           f"float64, max |w - w_loop| over all tensors / max |w_loop| over all tensors (not checked; below "
-          f"{F64_MAX_REL_ERR:g} a float32 failure is rounding: 'ok in float64'); floor = the hardware floor of "
+          f"{F64_MAX_REL_ERR_ADAMW if OPTIM == 'adamw' else F64_MAX_REL_ERR:g} a float32 failure is rounding: "
+          "'ok in float64'); floor = the hardware floor of "
           "the row and what bounds it; bg cores = CPU cores used by other processes while the row was timed\n")
     print_tables(rows, a.providers, a.markdown, check_cols, ["max rel err", "f64 rel err"])
     print_summary(rows, "training")
