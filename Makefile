@@ -20,11 +20,13 @@ demo: $(STAMP)
 demo-train: $(STAMP)
 	$(VPY) examples/train_digits.py
 
+# two workers (pytest-xdist), each running whole test files: module fixtures and file order stay as written
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
-	$(VPY) -m pytest -q -m "not slow"
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # the README's tables: five models, five providers; inference at N in 1 4 8 16 32 with torch.compile at N >= 4 on
 # every model (~30 min on 2 cores), a training step at N in 4 16 with torch.compile at N=16 but not on densenet121

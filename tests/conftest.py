@@ -9,10 +9,20 @@ if os.environ.get("FUSECC_TEST_DEVICE", "cpu") == "cpu":
 # fuse(tune=True) caches its measurements on disk: never in the user's home from the tests
 os.environ.setdefault("FUSECC_CACHE_DIR", tempfile.mkdtemp(prefix="fusecc-test-cache-"))
 
+import sys
 import warnings
 
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dynamo():
+    """Each test file starts with torch.compile's caches empty: dynamo counts recompilations per code object (the
+    fused module's forward) per process, and files run in any order and any worker (pytest-xdist)."""
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
+    yield
 
 
 @pytest.fixture(autouse=True)
