@@ -1,7 +1,7 @@
 """Optimizers for fused modules, with per-model hyper-parameters.
 
 Every numeric hyper-parameter is a scalar (the same for every model) or a length-N sequence/tensor (one value per
-model). A step over the stacked parameters ``[N, *shape]`` applies model i's settings to slice i, with the same
+model), and so are ``maximize`` and Adam's ``amsgrad`` (a bool, or N bools). A step over the stacked parameters ``[N, *shape]`` applies model i's settings to slice i, with the same
 arithmetic as ``torch.optim``'s single-tensor implementations, so K fused steps equal K steps of N separate
 ``torch.optim`` optimizers. All updates are element-wise, so a NaN in one model's gradient never reaches
 another model's parameters or state.
@@ -34,6 +34,8 @@ from ..kernels import optim as _kernels  # fused Triton steps; imports no triton
 from ..kernels.optim import cpu as _cpu_optim  # the CPU RMSprop step (C)
 from . import lr_scheduler  # noqa: F401  (fusecc.optim.lr_scheduler)
 
+Flag = Union[bool, Sequence[bool]]  # a boolean hyper-parameter: the same for every model, or one per model
+
 PerModel = _kernels.PerModel  # a scalar, or one value per model
 
 __all__ = ["FusedOptimizer", "SGD", "Adam", "AdamW", "RMSprop", "lr_scheduler"]
@@ -64,6 +66,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     """Base class: per-model hyper-parameters stored per param group as lists of N floats."""
 
     _per_model: Sequence[str] = ()  # numeric hyper-parameters that may differ per model
+    _flags: Sequence[str] = ("maximize",)  # boolean ones that may differ per model (stored as lists of N bools)
     _nonneg: Sequence[str] = ("lr", "weight_decay", "eps")
 
     def __init__(self, params: Any, defaults: Dict[str, Any], num_models: Optional[int] = None):
@@ -108,6 +111,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 )
         for k in self._per_model:
             group[k] = self._expand(k, group[k])
+        for k in self._flags:
+            group[k] = self._expand_flag(k, group[k])
+
+    def _expand_flag(self, name: str, value: Any) -> List[bool]:
+        n = self.num_models
+        if isinstance(value, Tensor):
+            value = value.detach().flatten().tolist() if value.dim() > 0 else bool(value)
+        if isinstance(value, (bool, int)):
+            return [bool(value)] * n
+        vals = list(value)
+        if len(vals) != n or not all(isinstance(v, (bool, int)) for v in vals):
+            raise ValueError(f"fusecc.optim: '{name}' must be a bool or num_models={n} bools (one per model), got "
+                             f"{value!r}")
+        return [bool(v) for v in vals]
 
     def _expand(self, name: str, value: Any) -> List[float]:
         n = self.num_models
@@ -151,8 +168,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for g in self.param_groups:
             for p in self._kernel_step(g, [p for p in g["params"] if p.grad is not None]):
-                self._update(g, p, -p.grad if g["maximize"] else p.grad, self.state[p])
+                self._update(g, p, self._signed(g, p), self.state[p])
         return loss
+
+    def _signed(self, g: Dict[str, Any], p: Tensor) -> Tensor:
+        """p's gradient, negated for the models that maximize."""
+        mx = g["maximize"]
+        if not any(mx):
+            return p.grad
+        if all(mx):
+            return -p.grad
+        return p.grad * self._hp([-1.0 if m else 1.0 for m in mx], p)
 
     def _update(self, g: Dict[str, Any], p: Tensor, grad: Tensor, st: Dict[str, Any]) -> None:
         raise NotImplementedError(f"{type(self).__name__} must define _update (the per-parameter step)")
@@ -196,7 +222,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         new_params = dict(fused.named_parameters())
         groups = []
         for g in self.param_groups:
-            ng = {k: ([v[i] for i in idx] if k in self._per_model else v) for k, v in g.items() if k != "params"}
+            ng = {k: ([v[i] for i in idx] if k in self._per_model or k in self._flags else v) for k, v in g.items()
+                  if k != "params"}
             ng["params"] = [new_params[names[id(p)]] for p in g["params"]]
             groups.append(ng)
         new = type(self)(groups, num_models=len(idx))
@@ -220,7 +247,7 @@ class SGD(FusedOptimizer):
     _nonneg = ("lr", "momentum", "weight_decay")
 
     def __init__(self, params: Any, lr: PerModel = 1e-3, momentum: PerModel = 0.0, dampening: PerModel = 0.0,
-                 weight_decay: PerModel = 0.0, nesterov: bool = False, maximize: bool = False,
+                 weight_decay: PerModel = 0.0, nesterov: bool = False, maximize: Flag = False,
                  num_models: Optional[int] = None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize)
@@ -270,7 +297,7 @@ class SGD(FusedOptimizer):
                 bufs = [self.state[p]["momentum_buffer"][i] for p in ps] if m != 0 else []
                 torch._fused_sgd_([p[i] for p in ps], [p.grad[i] for p in ps], bufs,
                                   weight_decay=g["weight_decay"][i], momentum=m, lr=g["lr"][i],
-                                  dampening=g["dampening"][i], nesterov=g["nesterov"], maximize=g["maximize"],
+                                  dampening=g["dampening"][i], nesterov=g["nesterov"], maximize=g["maximize"][i],
                                   is_first_step=first)
 
     def _kernel_step(self, g: Dict[str, Any], params: List[Tensor]) -> List[Tensor]:
@@ -280,6 +307,8 @@ class SGD(FusedOptimizer):
                 self._cpu_fused_step(g, cpu)
                 done = {id(p) for p in cpu}
                 params = [p for p in params if id(p) not in done]
+        if len(set(g["maximize"])) > 1:  # (the Triton kernel takes one maximize flag)
+            return params
         has_momentum = any(g["momentum"])
         buckets, rest = self._kernel_buckets(
             params, "sgd_step", lambda p: has_momentum and "momentum_buffer" not in self.state[p],
@@ -293,7 +322,7 @@ class SGD(FusedOptimizer):
                 bufs = [self.state[p]["momentum_buffer"] for p in ps]
             _kernels.sgd_step(ps, [p.grad.contiguous() for p in ps], bufs, lr=g["lr"],
                               weight_decay=g["weight_decay"], momentum=g["momentum"], dampening=g["dampening"],
-                              nesterov=g["nesterov"], maximize=g["maximize"], first_step=first, backend="triton")
+                              nesterov=g["nesterov"], maximize=g["maximize"][0], first_step=first, backend="triton")
         return rest
 
 
@@ -305,10 +334,11 @@ class Adam(FusedOptimizer):
     """Adam (L2 weight decay added to the gradient) with per-model lr, betas, eps and weight decay."""
 
     _per_model = ("lr", "beta1", "beta2", "eps", "weight_decay")
+    _flags = ("maximize", "amsgrad")
     _decoupled = False
 
     def __init__(self, params: Any, lr: PerModel = 1e-3, betas: Any = (0.9, 0.999), eps: PerModel = 1e-8,
-                 weight_decay: PerModel = 0.0, amsgrad: bool = False, maximize: bool = False,
+                 weight_decay: PerModel = 0.0, amsgrad: Flag = False, maximize: Flag = False,
                  num_models: Optional[int] = None):
         b1, b2 = betas
         defaults = dict(lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -325,7 +355,7 @@ class Adam(FusedOptimizer):
             st["step"] = torch.zeros((), dtype=torch.float32)
             st["exp_avg"] = torch.zeros_like(p)
             st["exp_avg_sq"] = torch.zeros_like(p)
-            if g["amsgrad"]:
+            if any(g["amsgrad"]):
                 st["max_exp_avg_sq"] = torch.zeros_like(p)
         st["step"] += 1
         step = float(st["step"])
@@ -344,9 +374,11 @@ class Adam(FusedOptimizer):
         bc2_sqrt = self._hp([math.sqrt(1 - b**step) for b in g["beta2"]], p)
         step_size = self._hp([lr / c for lr, c in zip(g["lr"], bc1)], p)
         sq = st["exp_avg_sq"]
-        if g["amsgrad"]:
+        ams = g["amsgrad"]
+        if any(ams):
             torch.maximum(st["max_exp_avg_sq"], sq, out=st["max_exp_avg_sq"])
-            sq = st["max_exp_avg_sq"]
+            sq = st["max_exp_avg_sq"] if all(ams) else torch.where(
+                self._hp([float(a) for a in ams], p) != 0, st["max_exp_avg_sq"], sq)
         denom = (sq.sqrt() / bc2_sqrt).add_(self._hp(g["eps"], p))
         if isinstance(step_size, float):
             p.addcdiv_(st["exp_avg"], denom, value=-step_size)
@@ -383,28 +415,30 @@ class Adam(FusedOptimizer):
         for i in range(self.num_models):
             fn([p[i] for p in params], [p.grad[i] for p in params], [st["exp_avg"][i] for st in sts],
                [st["exp_avg_sq"][i] for st in sts],
-               [st["max_exp_avg_sq"][i] for st in sts] if g["amsgrad"] else [], steps,
+               [st["max_exp_avg_sq"][i] for st in sts] if g["amsgrad"][i] else [], steps,
                lr=g["lr"][i], beta1=g["beta1"][i], beta2=g["beta2"][i], weight_decay=g["weight_decay"][i],
-               eps=g["eps"][i], amsgrad=g["amsgrad"], maximize=g["maximize"])
+               eps=g["eps"][i], amsgrad=g["amsgrad"][i], maximize=g["maximize"][i])
 
     def _kernel_step(self, g: Dict[str, Any], params: List[Tensor]) -> List[Tensor]:
-        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if g["amsgrad"] else ())
+        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if any(g["amsgrad"]) else ())
         # under "auto" (not "reference": aten ops only; not "triton": the kernel forced, e.g. in its interpreter tests)
         cpu = [p for p in params if self._cpu_fused_ok(g, p, keys)] if _backend.use_cpu_kernels(None, "adam") else []
         if cpu:
             self._cpu_fused_step(g, cpu, keys)
             done = {id(p) for p in cpu}
             params = [p for p in params if id(p) not in done]
+        if len(set(g["maximize"])) > 1 or len(set(g["amsgrad"])) > 1:  # (the Triton kernel takes one flag of each)
+            return params
         buckets, rest = self._kernel_buckets(
             params, "adam_step", lambda p: float(self.state[p]["step"]) if self.state[p] else 0.0, keys)
         for (_, _, step), ps in buckets.items():
             sts = self._advance(ps, keys)
             _kernels.adam_step(ps, [p.grad.contiguous() for p in ps], [st["exp_avg"] for st in sts],
                                [st["exp_avg_sq"] for st in sts],
-                               [st["max_exp_avg_sq"] for st in sts] if g["amsgrad"] else None,
+                               [st["max_exp_avg_sq"] for st in sts] if g["amsgrad"][0] else None,
                                lr=g["lr"], beta1=g["beta1"], beta2=g["beta2"], eps=g["eps"],
                                weight_decay=g["weight_decay"], decoupled=self._decoupled, step=step + 1,
-                               maximize=g["maximize"], backend="triton")
+                               maximize=g["maximize"][0], backend="triton")
         return rest
 
 
@@ -414,7 +448,7 @@ class AdamW(Adam):
     _decoupled = True
 
     def __init__(self, params: Any, lr: PerModel = 1e-3, betas: Any = (0.9, 0.999), eps: PerModel = 1e-8,
-                 weight_decay: PerModel = 1e-2, amsgrad: bool = False, maximize: bool = False,
+                 weight_decay: PerModel = 1e-2, amsgrad: Flag = False, maximize: Flag = False,
                  num_models: Optional[int] = None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, num_models)
 
@@ -427,7 +461,7 @@ class RMSprop(FusedOptimizer):
 
     def __init__(self, params: Any, lr: PerModel = 1e-2, alpha: PerModel = 0.99, eps: PerModel = 1e-8,
                  weight_decay: PerModel = 0.0, momentum: PerModel = 0.0, centered: bool = False,
-                 maximize: bool = False, num_models: Optional[int] = None):
+                 maximize: Flag = False, num_models: Optional[int] = None):
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
                         maximize=maximize)
         super().__init__(params, defaults, num_models)

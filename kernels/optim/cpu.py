@@ -31,7 +31,8 @@ def library() -> Optional[ctypes.CDLL]:
                 lib, why = _cpu_build.build(SOURCE, "cpu_rmsprop", _cpu_build.FLAGS + ("-fno-math-errno",))
                 if lib is not None:
                     p, i64, i, dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_double)
-                    lib.fusecc_rmsprop_f32.argtypes = [p, p, p, p, p, i64, i64, dbl, dbl, dbl, dbl, dbl, i, i, i]
+                    ints = ctypes.POINTER(ctypes.c_int)
+                    lib.fusecc_rmsprop_f32.argtypes = [p, p, p, p, p, i64, i64, dbl, dbl, dbl, dbl, dbl, i, ints, i]
                     lib.fusecc_rmsprop_f32.restype = None
                 _state["lib"], _state["why"] = lib, why
     return _state["lib"]
@@ -51,8 +52,10 @@ def _doubles(vals: Sequence[float]) -> ctypes.Array:
 
 def rmsprop_step(p: Tensor, grad: Tensor, square_avg: Tensor, momentum_buffer: Optional[Tensor],
                  grad_avg: Optional[Tensor], lr: Sequence[float], alpha: Sequence[float], eps: Sequence[float],
-                 weight_decay: Sequence[float], momentum: Sequence[float], centered: bool, maximize: bool) -> None:
-    """One RMSprop step of a stacked parameter ``p [N, ...]`` in place (its states too), model n with ``lr[n]``..."""
+                 weight_decay: Sequence[float], momentum: Sequence[float], centered: bool,
+                 maximize: Sequence[bool]) -> None:
+    """One RMSprop step of a stacked parameter ``p [N, ...]`` in place (its states too), model n with ``lr[n]``,
+    ``maximize[n]``..."""
     n = p.shape[0]
     length = p.numel() // n if n else 0
 
@@ -61,4 +64,5 @@ def rmsprop_step(p: Tensor, grad: Tensor, square_avg: Tensor, momentum_buffer: O
 
     library().fusecc_rmsprop_f32(ptr(p), ptr(grad), ptr(square_avg), ptr(momentum_buffer), ptr(grad_avg), n, length,
                                  _doubles(lr), _doubles(alpha), _doubles(eps), _doubles(weight_decay),
-                                 _doubles(momentum), int(centered), int(maximize), torch.get_num_threads())
+                                 _doubles(momentum), int(centered), (ctypes.c_int * n)(*[int(m) for m in maximize]),
+                                 torch.get_num_threads())

@@ -72,12 +72,12 @@ static const step_fn STEPS[16] = {plain, wd, mom, mom_wd, centered, centered_wd,
 
 void fusecc_rmsprop_f32(float *p, const float *g, float *sq, float *buf, float *ga, int64_t n, int64_t len,
                         const double *lr, const double *alpha, const double *eps, const double *wd,
-                        const double *momentum, int centered, int maximize, int threads) {
+                        const double *momentum, int centered, const int *maximize, int threads) {
     for (int64_t m = 0; m < n; m++) {
         const float a = (float)alpha[m], one_a = (float)(1.0 - alpha[m]), e = (float)eps[m], w = (float)wd[m];
         const float l = (float)lr[m], mom_m = (float)momentum[m];
         const int use_mom = buf != 0 && momentum[m] > 0.0, has_wd = w != 0.0f;
-        const step_fn f = STEPS[(maximize ? 8 : 0) + (centered ? 4 : 0) + (use_mom ? 2 : 0) + (has_wd ? 1 : 0)];
+        const step_fn f = STEPS[(maximize[m] ? 8 : 0) + (centered ? 4 : 0) + (use_mom ? 2 : 0) + (has_wd ? 1 : 0)];
         f(p + m * len, g + m * len, sq + m * len, buf ? buf + m * len : 0, ga ? ga + m * len : 0, len, l, a, one_a,
           e, w, mom_m, threads);
     }
