@@ -288,12 +288,15 @@ class FusedModule(nn.Module):
                  if k in self._fusecc_param_names and self.get_parameter(k).requires_grad]
         if not names:
             return
-        if warn and not self.training:
-            extra = sum(self.get_parameter(k).numel() * self.get_parameter(k).element_size() for k in names)
+        extra = sum(self.get_parameter(k).numel() * self.get_parameter(k).element_size() for k in names)
+        extra *= self.num_models - 1
+        # (in eval mode this is usually an inference call without torch.no_grad(): say so when it costs memory that
+        # matters, not for a few LayerNorm weights that happen to be equal)
+        if warn and not self.training and extra >= 0.1 * self.weight_bytes()["total"]:
             warnings.warn(
                 f"fusecc: {len(names)} parameter(s) equal in every model and stored once (e.g. '{sorted(names)[0]}') "
                 f"require grad, and the fused module runs with grad enabled: each model gets its own copy now "
-                f"(+{extra * (self.num_models - 1) / 2**20:.1f} MiB). For inference run under torch.no_grad() or "
+                f"(+{extra / 2**20:.1f} MiB). For inference run under torch.no_grad() or "
                 "torch.inference_mode(); to keep them shared in training, freeze them (requires_grad_(False)).",
                 UserWarning, stacklevel=3)
         self.unshare(names)

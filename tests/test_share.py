@@ -195,6 +195,14 @@ def test_forward_with_grad_unshares_trainable_weights_with_a_warning_in_eval():
         m.zero_grad()
         m(x[i]).sum().backward()
         assert_close(f"grad {i}", fused.conv1.weight.grad[i], m.conv1.weight.grad, rtol=1e-4, atol=1e-5)
+    # a few equal weights (fresh BatchNorm / GroupNorm affine) are un-shared without a warning: nothing to worry about
+    fresh = [Net().eval() for _ in range(2)]
+    fused = fusecc.fuse(fresh)
+    assert "bn.weight" in fused.shared_tensors
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused(x)
+    assert "bn.weight" not in fused.shared_tensors
     # frozen weights stay shared with grad enabled, and no warning
     models = trunk_fleet(2)
     fused = fusecc.fuse(models)
