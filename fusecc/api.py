@@ -204,20 +204,12 @@ class FusedModule(nn.Module):
         stacked tensor, or the shared one): it is traced and shape-propagated, never run on data, and must not hold
         a copy of a model (the weight storage of a fleet is one copy of what is shared plus N of the rest)."""
         proto = self._fusecc_proto
-        made: Dict[str, Tensor] = {}
-        for name, canon in self._fusecc_alias.items():
-            parent, _, leaf = name.rpartition(".")
-            owner = proto.get_submodule(parent) if parent else proto
-            if canon not in made:
-                t = self._canonical_tensor(canon).detach()
-                view = t if canon in self._fusecc_shared_names else t[0]
-                if leaf in owner._parameters:
-                    view = nn.Parameter(view, requires_grad=owner._parameters[leaf].requires_grad)
-                made[canon] = view
-            if leaf in owner._parameters:
-                owner._parameters[leaf] = made[canon]
-            else:
-                owner._buffers[leaf] = made[canon]
+
+        def model0_view(canon: str) -> Tensor:  # (not _model_slice: the prototype keeps LoRA's padded ranks)
+            t = self._canonical_tensor(canon).detach()
+            return t if canon in self._fusecc_shared_names else t[0]
+
+        self._install(proto, model0_view)
         for canon in self._fusecc_shared_names & self._fusecc_param_names:  # an optimizer may get them in a list
             _mark_shared(self.get_parameter(canon), self)
         if self._fusecc_lora is not None:  # peft reads each adapter's scaling from its dict: the linked buffer
@@ -225,6 +217,23 @@ class FusedModule(nn.Module):
                 layer = proto.get_submodule(path)
                 for ad in ads:
                     layer.scaling[ad] = layer._buffers[lora.SCALE_BUFFER.format(ad)]
+
+    def _install(self, module: nn.Module, tensor_of: Any) -> None:
+        """Set every parameter and buffer of ``module`` (a copy of the architecture) to ``tensor_of(canonical
+        name)``, parameters as ``nn.Parameter`` with the module's requires_grad; tied names get the same tensor."""
+        made: Dict[str, Tensor] = {}
+        for name, canon in self._fusecc_alias.items():
+            parent, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(parent) if parent else module
+            if canon not in made:
+                t = tensor_of(canon)
+                if leaf in owner._parameters:
+                    t = nn.Parameter(t, requires_grad=owner._parameters[leaf].requires_grad)
+                made[canon] = t
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = made[canon]
+            else:
+                owner._buffers[leaf] = made[canon]
 
     # ------------------------------------------------------------------ what the models share
     @property
@@ -595,20 +604,8 @@ class FusedModule(nn.Module):
         modes = {p: m.training for p, m in self.named_modules()}
         for i in range(self.num_models):
             m = skeleton(self._fusecc_proto)
-            made: Dict[str, Tensor] = {}  # canonical name -> the new tensor, so tied weights stay tied
-            with torch.no_grad():
-                for name, canon in self._fusecc_alias.items():
-                    parent, _, leaf = name.rpartition(".")
-                    owner = m.get_submodule(parent)
-                    if canon not in made:
-                        src = self._model_slice(canon, i).clone()
-                        if leaf in owner._parameters:
-                            src = nn.Parameter(src, requires_grad=owner._parameters[leaf].requires_grad)
-                        made[canon] = src
-                    if leaf in owner._parameters:
-                        owner._parameters[leaf] = made[canon]
-                    else:
-                        owner._buffers[leaf] = made[canon]
+            with torch.no_grad():  # (tied weights stay tied: one copy per canonical name)
+                self._install(m, lambda canon, i=i: self._model_slice(canon, i).clone())
             for path, sub in m.named_modules():
                 if path in modes:
                     sub.training = modes[path]

@@ -106,6 +106,25 @@ def use_cpu_kernels(backend: Optional[str] = None, op: str = "") -> bool:
     return resolve(backend, op) == "auto"
 
 
+def check_model_index(op: str, idx: torch.Tensor, rows: int, n: int, models: str) -> None:
+    """The routed ops' ``idx``: an integer tensor ``[rows]`` of model indices in ``[-1, n)`` (-1: a row of no
+    model). ``models`` names the N models in the message ("weight with N = 3 models"). The range check reads idx on
+    the host, so it is skipped while compiling or capturing a CUDA graph."""
+    p = f"fusecc.kernels.{op}"
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise TypeError(f"{p}: idx must hold integer model indices, got {idx.dtype}; use idx.long()")
+    if tuple(idx.shape) != (rows,):
+        raise ValueError(f"{p}: expected idx of shape [R] = [{rows}] (one model index per row of x), "
+                         f"got {list(idx.shape)}")
+    capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and not torch.compiler.is_compiling() and idx.numel():
+        bad = (idx < -1) | (idx >= n)
+        if bool(bad.any()):
+            pos = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{p}: idx[{pos}] = {int(idx[pos])} is out of range: model indices must be in "
+                             f"[-1, {n}) for {models} (-1: the row belongs to no model)")
+
+
 def _is_fake(t: Any) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 

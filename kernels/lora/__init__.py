@@ -60,20 +60,8 @@ def _check_inputs(x: Tensor, idx: Tensor, lora_a: Tensor, lora_b: Tensor, scale:
         raise ValueError(f"{p}: expected x of shape [R, K], got {list(x.shape)}; flatten the leading dims first")
     _check_adapters(p, x.shape[1], lora_a, lora_b, scale, f"x [R, K] = {list(x.shape)}")
     n = lora_a.shape[0]
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-        raise TypeError(f"{p}: idx must hold integer model indices, got {idx.dtype}; use idx.long()")
-    if tuple(idx.shape) != (x.shape[0],):
-        raise ValueError(f"{p}: expected idx of shape [R] = [{x.shape[0]}] (one model index per row of x), "
-                         f"got {list(idx.shape)}")
     _check_devices(p, x=x, idx=idx, lora_a=lora_a, lora_b=lora_b, scale=scale)
-    # the range check reads idx on the host: not possible while compiling or capturing a CUDA graph
-    capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and not torch.compiler.is_compiling() and idx.numel():
-        bad = (idx < -1) | (idx >= n)
-        if bool(bad.any()):
-            pos = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{p}: idx[{pos}] = {int(idx[pos])} is out of range: model indices must be in "
-                             f"[-1, {n}) for N = {n} adapters (-1: the row belongs to no model)")
+    _backend.check_model_index(_OP, idx, x.shape[0], n, f"N = {n} adapters")
 
 
 def lora_update(

@@ -38,21 +38,9 @@ def _check_inputs(x: Tensor, idx: Tensor, weight: Tensor, bias: Optional[Tensor]
                          f"{list(weight.shape)} has K = {k}")
     if bias is not None and tuple(bias.shape) != (n, m):
         raise ValueError(f"{p}: expected bias of shape [N, M] = {[n, m]}, got {list(bias.shape)}")
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-        raise TypeError(f"{p}: idx must hold integer model indices, got {idx.dtype}; use idx.long()")
-    if tuple(idx.shape) != (x.shape[0],):
-        raise ValueError(f"{p}: expected idx of shape [R] = [{x.shape[0]}] (one model index per row of x), "
-                         f"got {list(idx.shape)}")
     if idx.device != x.device:
         raise ValueError(f"{p}: idx is on {idx.device} but x is on {x.device}; move them to one device")
-    # the range check reads idx on the host: not possible while compiling or capturing a CUDA graph
-    capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and not torch.compiler.is_compiling() and idx.numel():
-        bad = (idx < -1) | (idx >= n)
-        if bool(bad.any()):
-            pos = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{p}: idx[{pos}] = {int(idx[pos])} is out of range: model indices must be in "
-                             f"[-1, {n}) for weight with N = {n} models (-1: the row belongs to no model)")
+    _backend.check_model_index(_OP, idx, x.shape[0], n, f"weight with N = {n} models")
 
 
 def routed_linear(
