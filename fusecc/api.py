@@ -420,10 +420,6 @@ class FusedModule(nn.Module):
         train/eval modes."""
         proto = self._fusecc_proto
         self._link_prototype()  # (after .to(), .half() or a load the module's tensors are new ones)
-        ref = self._ref_tensor()
-        if ref is not None:  # plain tensor attributes of the prototype follow the device
-            if any(isinstance(v, Tensor) and v.device != ref.device for m in proto.modules() for v in vars(m).values()):
-                proto.to(device=ref.device)
         fused_mods = dict(self.named_modules())
         for path, m in proto.named_modules():
             fm = fused_mods.get(path) if path else self
