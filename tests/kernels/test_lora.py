@@ -34,22 +34,7 @@ CASES = [
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")] + (
     [pytest.param(torch.bfloat16, id="bf16")] if ON_GPU else [])
 
-
-def _make_idx(r: int, n: int, kind: str) -> torch.Tensor:
-    """Model of each row, shuffled. mixed: ~1/6 rows -1, models 1 and 3 (when present) get no rows;
-    skewed: model 0 gets all rows but 5 (3 row tiles), model 1 none, the rest go to the last model;
-    all: rows spread over every model; unrouted: every row -1."""
-    if kind == "unrouted":
-        return torch.full((r,), -1, dtype=torch.long)
-    if kind == "skewed":
-        idx = torch.cat([torch.zeros(r - 5, dtype=torch.long), torch.full((5,), n - 1, dtype=torch.long)])
-    elif kind == "all":
-        idx = torch.arange(r) % n
-    else:
-        used = [m for m in range(n) if m not in (1, 3)] or [0]
-        idx = torch.tensor(used)[torch.randint(len(used), (r,))]
-        idx[torch.randperm(r)[: max(1, r // 6)]] = -1
-    return idx[torch.randperm(r)]
+from tests.kernels.test_routed_linear import _make_idx  # noqa: E402  (the same routing cases)
 
 
 def _adapters(n, r, k, m, dtype):
