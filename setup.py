@@ -20,7 +20,9 @@ setup(
     install_requires=["torch>=2.11", "numpy", "safetensors>=0.4", "tqdm"],
     entry_points={"console_scripts": ["fusecc = fusecc.cli:main"]},
     # transformers: Hugging Face fleets (fuse() takes the models without it; the CLI's checkpoint loading needs it)
-    extras_require={"dev": ["pytest", "expecttest", "torchvision==0.29.1", "transformers>=5", "timm", "peft>=0.21"],
+    extras_require={"dev": ["pytest", "expecttest", "httpx", "tritonclient[http]", "torchvision==0.29.1", "transformers>=5", "timm", "peft>=0.21"],
                     "bench": ["torchvision==0.29.1", "transformers>=5", "peft>=0.21"], "hf": ["transformers>=5"],
-                    "lora": ["peft>=0.21"]},
+                    "lora": ["peft>=0.21"],
+                    # fusecc serve: the Open Inference Protocol over HTTP (fusecc/serve/)
+                    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"]},
 )

@@ -5,6 +5,8 @@
     fusecc inspect --arch torchvision.models:resnet18 --num-models 8 --example-input 4,3,64,64
     fusecc bench --arch torchvision.models:resnet18 --num-models 8 --example-input 4,3,64,64
     fusecc export --hf ft/bert-*/ --example-input 4,128 --format pt2 -o bert-fleet.pt2   # save_pretrained dirs
+    fusecc serve --hf ft/bert-*/ --port 8000          # Open Inference Protocol (KServe v2), one name per model
+    fusecc swap --url http://127.0.0.1:8000 --model bert-a --weights new.safetensors   # hot swap
 
 Exit status: 0 success, 1 a bad input or a failed export (one line on stderr naming the culprit), 2 a usage error.
 This module only parses arguments and reports: loading the models (fusecc/checkpoints.py), fusing, exporting
@@ -335,6 +337,94 @@ def cmd_bench(args: argparse.Namespace, progress: Progress) -> int:
     return 0
 
 
+def _names(args: argparse.Namespace, n: int) -> List[str]:
+    if args.names:
+        if len(args.names) != n:
+            raise _UsageError(f"--names gives {len(args.names)} names for {n} models; give one per model")
+        return list(args.names)
+    paths = args.weights or args.hf
+    if paths:  # the checkpoints' file or directory names, when they are unique
+        stems = [os.path.splitext(os.path.basename(os.path.normpath(p)))[0] for p in paths]
+        if len(set(stems)) == len(stems):
+            return stems
+    return [f"model-{i}" for i in range(n)]
+
+
+def cmd_serve(args: argparse.Namespace, progress: Progress) -> int:
+    from .serve import ServedFleet, TensorSpec  # (the HTTP layer's packages are imported below, once needed)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from .serve.server import FleetServer
+    except ImportError as e:
+        raise CLIError(f"fusecc serve needs its extra packages: pip install 'fusecc[serve]' ({e})") from e
+    models = build_models(args, progress)
+    names = _names(args, len(models))
+    if args.hf:
+        shape = args.example_input[0] if args.example_input else (1, 32)
+        specs, length = None, shape[-1] if len(shape) == 2 else 32
+    else:
+        if not args.example_input:
+            raise _UsageError("--example-input is required with --arch: the input shape of one batch, e.g. "
+                              "1,3,32,32 (the batch dim is dynamic)")
+        many = len(args.example_input) > 1
+        specs = [TensorSpec(f"input_{i}" if many else "input", DTYPES[args.dtype], tuple(s[1:]))
+                 for i, s in enumerate(args.example_input)]
+        length = 32
+    progress.say(f"fusing {len(models)} models and measuring the batch costs" if args.mode == "fused"
+                 else f"loading {len(models)} models")
+    try:
+        fleet = ServedFleet(models, names, inputs=specs, mode=args.mode, strategy=args.strategy,
+                            max_batch=args.max_batch, example_length=length)
+    except (FusionError, ValueError, TypeError, RuntimeError) as e:
+        raise CLIError(f"cannot serve {_source(args)}: {type(e).__name__}: {first_line(e)}") from e
+    del models
+    try:
+        server = FleetServer(fleet, args.host, args.port, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
+                             max_body_bytes=int(args.max_body_mb * 2**20), log_level="warning")
+    except OSError as e:
+        raise CLIError(f"cannot listen on {args.host}:{args.port}: {e}") from e
+    logging.getLogger("fusecc.serve").info(
+        "fusecc serve %s: %s; listening on %s (max batch %d rows, max delay %g ms, queue %d rows, %d torch threads)",
+        __version__, fleet.describe(), server.url, args.max_batch, args.max_delay_ms, args.max_queue,
+        torch.get_num_threads())
+    server.serve_forever()
+    return 0
+
+
+def cmd_swap(args: argparse.Namespace, progress: Progress) -> int:
+    """New weights for one served model (the repository load API with the file's bytes)."""
+    import base64
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    try:
+        with open(args.weights, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CLIError(f"--weights {args.weights}: {e.strerror or e}") from e
+    body = json.dumps({"parameters": {f"file:{os.path.basename(args.weights)}": base64.b64encode(data).decode()}})
+    url = f"{args.url.rstrip('/')}/v2/repository/models/{urllib.parse.quote(args.model, safe='')}/load"
+    req = urllib.request.Request(url, data=body.encode(), method="POST", headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as r:
+            doc = json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.loads(e.read()).get("error", "")
+        except ValueError:
+            msg = ""
+        raise CLIError(f"the server refused the new weights for {args.model!r} (HTTP {e.code}): {msg}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise CLIError(f"cannot reach {args.url}: {getattr(e, 'reason', e)}") from e
+    print(f"{args.model}: new weights from {args.weights} (swap {doc.get('swaps', '?')})")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # parser
 
@@ -374,7 +464,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusecc", description="Fuse N models of one architecture into one module, and export it.")
     parser.add_argument("--version", action="version", version=f"fusecc {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{export,inspect,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{export,inspect,bench,serve,swap}")
     e = sub.add_parser("export", help="write one fused artifact (TorchScript, torch.export .pt2, AOTInductor)",
                        description="Fuse the N models and write one artifact that runs them all, then load it back "
                                    "and check it against the N models run one by one.")
@@ -393,15 +483,52 @@ def make_parser() -> argparse.ArgumentParser:
     _common(b)
     b.add_argument("--repeat", type=_positive, default=10)
     b.add_argument("--warmup", type=int, default=2)
+    s = sub.add_parser("serve", help="serve the fleet over HTTP (Open Inference Protocol / KServe v2)",
+                       description="Serve the N models over HTTP with the Open Inference Protocol (KServe v2): each "
+                                   "model under its own name, requests for any of them batched into one fused call. "
+                                   "SIGTERM or Ctrl-C answers the requests in flight, then exits.")
+    _common(s, need_input=False)
+    s.add_argument("--names", nargs="+", metavar="NAME",
+                   help="one name per model (default: the checkpoint file or directory names, else model-0 ...)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=_positive, default=32, help="the most rows in one batch (default 32)")
+    s.add_argument("--max-delay-ms", type=float, default=5.0,
+                   help="how long the first request of a batch waits for others (default 5)")
+    s.add_argument("--max-queue", type=_positive, default=1024,
+                   help="rows waiting at most; beyond, requests get 503 with Retry-After (default 1024)")
+    s.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MiB (413 beyond)")
+    s.add_argument("--mode", choices=["fused", "per-model"], default="fused",
+                   help="fused (fusecc) or per-model (N eager models, a call per model per batch: a baseline)")
+    s.add_argument("--strategy", choices=["auto", "fused", "per-model"], default="auto",
+                   help="how a fused fleet runs a batch: auto (from costs measured at start-up), fused (always one "
+                        "fused call) or per-model")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    w = sub.add_parser("swap", help="give one model of a running server new weights (hot swap)",
+                       description="Send new weights for one model to a running fusecc serve (the Open Inference "
+                                   "Protocol's repository load API). Requests keep being served; each sees either "
+                                   "the old or the new weights.")
+    w.add_argument("--url", default="http://127.0.0.1:8000")
+    w.add_argument("--model", required=True, help="the served model's name")
+    w.add_argument("--weights", required=True, metavar="FILE", help="a state dict file (.pt/.pth/.safetensors)")
+    w.add_argument("--timeout", type=float, default=120.0)
+    w.add_argument("-q", "--quiet", action="store_true")
     return parser
 
 
-COMMANDS = {"export": cmd_export, "inspect": cmd_inspect, "bench": cmd_bench}
+COMMANDS = {"export": cmd_export, "inspect": cmd_inspect, "bench": cmd_bench, "serve": cmd_serve, "swap": cmd_swap}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.command == "swap":
+        try:
+            return cmd_swap(args, Progress(args.quiet))
+        except CLIError as e:
+            print(f"fusecc: error: {e}", file=sys.stderr)
+            return 1
     if args.hf and args.arch:
         parser.error("--hf reads the architecture from the checkpoints' config.json: give --arch or --hf, not both")
     if not args.hf and not args.arch:
