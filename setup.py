@@ -24,5 +24,6 @@ setup(
                     "bench": ["torchvision==0.29.1", "transformers>=5", "peft>=0.21"], "hf": ["transformers>=5"],
                     "lora": ["peft>=0.21"],
                     # fusecc serve: the Open Inference Protocol over HTTP (fusecc/serve/)
-                    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"]},
+                    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
+                    "ray": ["ray[serve]>=2.9", "fastapi>=0.110", "prometheus-client>=0.20"]},
 )

@@ -363,7 +363,7 @@ def cmd_serve(args: argparse.Namespace, progress: Progress) -> int:
         raise CLIError(f"fusecc serve needs its extra packages: pip install 'fusecc[serve]' ({e})") from e
     models = build_models(args, progress)
     names = _names(args, len(models))
-    if args.hf:
+    if args.hf or hasattr(getattr(models[0], "config", None), "to_dict"):  # a transformers model: token ids
         shape = args.example_input[0] if args.example_input else (1, 32)
         specs, length = None, shape[-1] if len(shape) == 2 else 32
     else:
@@ -500,9 +500,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MiB (413 beyond)")
     s.add_argument("--mode", choices=["fused", "per-model"], default="fused",
                    help="fused (fusecc) or per-model (N eager models, a call per model per batch: a baseline)")
-    s.add_argument("--strategy", choices=["auto", "fused", "per-model"], default="auto",
+    s.add_argument("--strategy", choices=["auto", "fused", "per-model", "routed"], default="auto",
                    help="how a fused fleet runs a batch: auto (from costs measured at start-up), fused (always one "
-                        "fused call) or per-model")
+                        "fused call), per-model, or routed (rows sorted by model through one routed copy: transformers)")
     s.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     w = sub.add_parser("swap", help="give one model of a running server new weights (hot swap)",

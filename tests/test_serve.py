@@ -141,7 +141,8 @@ def test_text_rows_of_any_length_and_mask(berts, bert_fleet):
             inputs["attention_mask"] = mask
         reqs.append(Request(m, inputs, rows))
         refs.append(_bert_alone(berts[m], ids, mask))
-    for strategy in ("fused", "per-model", "auto"):
+    assert bert_fleet.routed is not None  # Linear, LayerNorm, Embedding: every row through one routed copy
+    for strategy in ("fused", "per-model", "routed", "auto"):
         bert_fleet.strategy = strategy
         try:
             bert_fleet.run(reqs)
@@ -149,6 +150,30 @@ def test_text_rows_of_any_length_and_mask(berts, bert_fleet):
             bert_fleet.strategy = "auto"
         for r, ref in zip(reqs, refs):
             torch.testing.assert_close(r.outputs["logits"], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_routed_needs_routable_layers(cnns, cnn_fleet):
+    assert cnn_fleet.routed is None  # convs and batch norms with per-model weights: no routed form
+    with pytest.raises(ValueError, match="strategy 'routed' needs"):
+        ServedFleet(cnns, inputs=[TensorSpec("input", torch.float32, IMG)], strategy="routed", calibrate=False)
+
+
+def test_routed_shares_what_every_model_shares(berts):
+    """Weights equal in every model stay one tensor in the routed copy; the answers still follow each model."""
+    import copy
+    ms = [copy.deepcopy(berts[0]) for _ in range(3)]
+    with torch.no_grad():
+        for i, m in enumerate(ms[1:], 1):  # only the heads differ, the head's bias in one model only
+            m.classifier.weight.add_(0.1 * i)
+        ms[1].classifier.bias.add_(0.5)
+    fleet = ServedFleet(ms, strategy="routed", max_batch=4, example_length=6, calibrate=False)
+    assert type(fleet.routed.bert.encoder.layer[0].attention.self.query) is torch.nn.Linear  # shared: the plain one
+    ids = torch.randint(0, V, (3, 6))
+    reqs = [Request(m, {"input_ids": ids[m:m + 1]}, 1) for m in (2, 0, 1)]
+    fleet.run(reqs)
+    for r in reqs:
+        torch.testing.assert_close(r.outputs["logits"], _bert_alone(ms[r.model], r.inputs["input_ids"]),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_fleet_leaves_models_untouched_and_checks_names(cnns):
@@ -494,7 +519,7 @@ def test_tritonclient_http_unchanged(cnns, cnn_fleet):
                 inp.set_data_from_numpy(x, binary_data=binary)
                 out = tc.InferRequestedOutput("output", binary_data=binary)
                 res = client.infer("beta", [inp], outputs=[out], request_id="tc-1")
-                torch.testing.assert_close(torch.from_numpy(res.as_numpy("output")), _alone(cnns[1], torch.from_numpy(x)),
+                torch.testing.assert_close(torch.from_numpy(res.as_numpy("output").copy()), _alone(cnns[1], torch.from_numpy(x)),
                                            rtol=1e-5, atol=1e-5)
             assert res.get_response()["id"] == "tc-1"
             with pytest.raises(tc.InferenceServerException, match="not served here"):
@@ -506,13 +531,13 @@ def test_tritonclient_http_unchanged(cnns, cnn_fleet):
             # hot swap through the repository API: beta gets alpha's weights, then its own back
             client.load_model("beta", files={"file:alpha.pt": _state_bytes(cnns[0])})
             res = client.infer("beta", [inp])
-            torch.testing.assert_close(torch.from_numpy(res.as_numpy("output")), _alone(cnns[0], torch.from_numpy(x)),
+            torch.testing.assert_close(torch.from_numpy(res.as_numpy("output").copy()), _alone(cnns[0], torch.from_numpy(x)),
                                        rtol=1e-5, atol=1e-5)
             with pytest.raises(tc.InferenceServerException, match="do not fit model 'beta'"):
                 client.load_model("beta", files={"file:bad.pt": _state_bytes(nn.Linear(2, 2))})
             client.load_model("beta", files={"file:beta.pt": _state_bytes(cnns[1])})
             res = client.infer("beta", [inp])
-            torch.testing.assert_close(torch.from_numpy(res.as_numpy("output")), _alone(cnns[1], torch.from_numpy(x)),
+            torch.testing.assert_close(torch.from_numpy(res.as_numpy("output").copy()), _alone(cnns[1], torch.from_numpy(x)),
                                        rtol=1e-5, atol=1e-5)
         finally:
             client.close()

@@ -1,12 +1,15 @@
 """A fleet being served: N models of one architecture addressed by name, run on batches of rows for any mix of them.
 
-A batch is a list of requests, each for one model with ``b >= 1`` rows. :class:`ServedFleet` runs it in one of two
-ways and picks, per batch, from timings it measured at start-up (the cost model of :class:`Plan`):
+A batch is a list of requests, each for one model with ``b >= 1`` rows. :class:`ServedFleet` runs it in one of three
+ways and picks, per batch, from timings it measured at start-up (the cost model of :class:`CostModel`):
 
 - **fused**: the fused module on ``[N, B*, ...]``: each model's first ``B*`` rows, zero rows where a model has fewer
   (idle models cost their share of padding, not a call of their own);
 - **per model**: each model's rows beyond ``B*`` run through that model alone (a module whose weights are views of
-  the fused tensors: no copy), one call per model that has such rows.
+  the fused tensors: no copy), one call per model that has such rows;
+- **routed**: every row, sorted by model, through ONE copy of the architecture whose Linear, LayerNorm and Embedding
+  layers apply each model's weights to its own rows (``fusecc/serve/routed.py``; transformers models): no padding,
+  no call per model, one small GEMM per layer and model with rows.
 
 ``B* = max rows of any model`` is all-fused (uniform traffic), ``B* = 0`` is one call per model (a few very popular
 models); in between, a Zipf tail rides in one fused call while the popular models' extra rows run alone. Variable-
@@ -32,8 +35,11 @@ from torch import Tensor
 
 from ..api import FusedModule, fuse
 from ..fleet import skeleton
+from .routed import Route, routed_module
 
-__all__ = ["TensorSpec", "Request", "ServedFleet", "Plan"]
+__all__ = ["TensorSpec", "Request", "ServedFleet", "Plan", "STRATEGIES"]
+
+STRATEGIES = ("auto", "fused", "per-model", "routed")
 
 
 @dataclass(frozen=True)
@@ -88,9 +94,12 @@ class Plan:
     fused_rows: int
     cost: float
     per_model_calls: int = 0
+    routed: bool = False
 
     @property
     def strategy(self) -> str:
+        if self.routed:
+            return "routed"
         if self.fused_rows == 0:
             return "per-model"
         return "fused" if self.per_model_calls == 0 else "fused+per-model"
@@ -102,13 +111,18 @@ class CostModel:
 
     fused: Dict[int, float] = field(default_factory=dict)
     single: Dict[int, float] = field(default_factory=dict)
+    routed: Dict[int, float] = field(default_factory=dict)  # R rows of one model through the routed module
+    routed_per_model: float = 0.0  # what each further model with rows adds to a routed call
 
-    def plan(self, counts: Sequence[int], strategy: str = "auto") -> Plan:
-        most = max(counts)
-        if strategy == "fused" or not self.fused or not self.single:
-            return Plan(most, _interp(self.fused, most) if self.fused else 0.0, 0)
-        if strategy == "per-model":
-            return Plan(0, sum(_interp(self.single, c) for c in counts if c), sum(1 for c in counts if c))
+    def routed_cost(self, counts: Sequence[int]) -> Optional[float]:
+        if not self.routed:
+            return None
+        return _interp(self.routed, sum(counts)) + self.routed_per_model * max(sum(1 for c in counts if c) - 1, 0)
+
+    def plan(self, counts: Sequence[int]) -> Plan:
+        """The cheapest B* among 0 and the models' row counts (all fused when nothing was measured)."""
+        if not self.fused or not self.single:
+            return Plan(max(counts), 0.0, 0)
         best: Optional[Plan] = None
         for b in sorted({0, *counts}):
             over = [c - b for c in counts if c > b]
@@ -116,6 +130,9 @@ class CostModel:
             if best is None or cost < best.cost - 1e-12:
                 best = Plan(b, cost, len(over))
         assert best is not None
+        routed = self.routed_cost(counts)
+        if routed is not None and routed < best.cost:
+            return Plan(0, routed, 0, routed=True)
         return best
 
 
@@ -165,7 +182,8 @@ class ServedFleet:
         mode: ``"fused"`` (fusecc) or ``"per-model"`` (the N eager models, a call per model per batch: the
             baseline).
         strategy: ``"auto"`` (per batch, from the measured costs), ``"fused"`` (always the fused call, padding every
-            model to the busiest one) or ``"per-model"``.
+            model to the busiest one), ``"per-model"`` or ``"routed"`` (every row through one routed copy of the
+            architecture, where its layers allow: see ``fusecc.serve.routed``).
         max_batch: the most rows in one batch (the calibration runs up to it).
         example_length: the sequence length used to compile and calibrate a text model.
         calibrate: measure the cost model now (else "auto" falls back to always fused).
@@ -179,8 +197,8 @@ class ServedFleet:
             raise ValueError("fusecc serve: no models to serve; give at least one")
         if mode not in ("fused", "per-model"):
             raise ValueError(f"fusecc serve: mode must be 'fused' or 'per-model', got {mode!r}")
-        if strategy not in ("auto", "fused", "per-model"):
-            raise ValueError(f"fusecc serve: strategy must be 'auto', 'fused' or 'per-model', got {strategy!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"fusecc serve: strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         names = list(names) if names is not None else [f"model-{i}" for i in range(len(models))]
         if len(names) != len(models):
             raise ValueError(f"fusecc serve: {len(names)} names for {len(models)} models; give one name per model")
@@ -209,12 +227,18 @@ class ServedFleet:
             models = [copy.deepcopy(m) for m in models]
             for m in models:
                 m.config.use_cache = False
+        self._route = Route()
+        self.routed: Optional[nn.Module] = None
         if mode == "fused":
             self.fused: Optional[FusedModule] = fuse(models).eval()
             self.models = self._views()
+            self.routed = routed_module(self.fused, self._route)
         else:
             self.fused = None
             self.models = [copy.deepcopy(m).eval() for m in models]
+        if strategy == "routed" and self.routed is None:
+            raise ValueError("fusecc serve: strategy 'routed' needs a model whose layers with per-model weights are "
+                             "all Linear, LayerNorm or Embedding (see fusecc.serve.routed); use 'auto'")
         self.cost = CostModel()
         self.outputs: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]] = {}
         self._warm_up()
@@ -314,12 +338,17 @@ class ServedFleet:
         for r in batch:
             per_model[r.model].append(r)
         counts = [sum(r.rows for r in rs) for rs in per_model]
-        if self.mode == "per-model" or not self.models and self.strategy == "per-model":
+        if self.strategy == "routed" and self.routed is not None:
+            plan = Plan(0, 0.0, 0, routed=True)
+        elif self.mode == "per-model" or (self.strategy == "per-model" and self.models):
             plan = Plan(0, 0.0, sum(1 for c in counts if c))
-        elif not self.models:  # no per-model views (LoRA): always the fused call
+        elif self.strategy == "fused" or not self.models:  # (no per-model views, LoRA: always the fused call)
             plan = Plan(max(counts), 0.0, 0)
         else:
-            plan = self.cost.plan(counts, self.strategy)
+            plan = self.cost.plan(counts)
+        if plan.routed:
+            self._run_routed(per_model, counts)
+            return plan
         b_star = plan.fused_rows
         results: List[List[Dict[str, Tensor]]] = [[] for _ in range(n)]  # per model: output chunks in row order
         if b_star:
@@ -362,6 +391,19 @@ class ServedFleet:
                 row += r.rows
         return plan
 
+    def _run_routed(self, per_model: List[List[Request]], counts: List[int]) -> None:
+        """All rows, sorted by model, in one call of the routed module."""
+        segs = [(r.inputs, r.rows) for rs in per_model for r in rs]
+        tensors = {name: t[0] for name, t in self._stack([segs], sum(counts)).items()}
+        self._route.set(counts)
+        assert self.routed is not None
+        outs = self._call(self.routed, tensors)
+        row = 0
+        for rs in per_model:
+            for r in rs:
+                r.outputs = {name: self._trim(name, o[row:row + r.rows], r) for name, o in outs.items()}
+                row += r.rows
+
     def _trim(self, name: str, out: Tensor, req: Request) -> Tensor:
         """A copy of one request's output rows, a padded sequence dim (token-level logits) cut back to its length."""
         spec = self.outputs.get(name)
@@ -386,6 +428,10 @@ class ServedFleet:
                     self.strategy = "per-model"
                     self._run(reqs[:1])
                     self.strategy = "fused"
+                if self.routed is not None:  # and the routed module
+                    self.strategy = "routed"
+                    self._run(reqs)
+                    self.strategy = "fused"
                 assert reqs[0].outputs is not None
                 seen.append({k: (v.dtype, tuple(v.shape[1:])) for k, v in reqs[0].outputs.items()})
         finally:
@@ -399,6 +445,8 @@ class ServedFleet:
         grid = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, self.max_batch} & set(range(1, self.max_batch + 1)))
         fused: Dict[int, float] = {}
         single: Dict[int, float] = {}
+        routed: Dict[int, float] = {}
+        spread: Dict[int, float] = {}
 
         def best(fn: Callable[[], Any]) -> float:
             fn()
@@ -419,11 +467,19 @@ class ServedFleet:
                 if self.models:
                     self.strategy = "per-model"
                     single[b] = best(lambda: self._run(reqs[:1]))
+                if self.routed is not None:
+                    self.strategy = "routed"
+                    routed[b] = best(lambda: self._run(reqs[:1]))
+                    k = min(b, self.num_models)
+                    if k > 1:  # b rows over k models, one row per model and the rest on model 0
+                        mixed = [self.example_request(m, 1 + (b - k if m == 0 else 0), seed=b) for m in range(k)]
+                        spread[b] = (best(lambda: self._run(mixed)) - routed[b]) / (k - 1)
                 if fused[b] > 2.0:  # a slow model: the rest is extrapolated
                     break
         finally:
             self.strategy = saved
-        self.cost = CostModel(fused, single)
+        per_model = [v for k, v in sorted(spread.items()) if k <= self.num_models]
+        self.cost = CostModel(fused, single, routed, max(per_model[-1], 0.0) if per_model else 0.0)
         return self.cost
 
     # ------------------------------------------------------------------------------------------ hot swap
