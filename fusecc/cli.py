@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -220,6 +221,8 @@ def cmd_export(args: argparse.Namespace, progress: Progress) -> int:
         except OSError as e:
             raise CLIError(f"--triton-repo {args.triton_repo!r}: cannot create it: {e.strerror}") from e
         _check_writable(os.path.join(args.triton_repo, "model.pt"), "--triton-repo")
+    if args.routed:
+        return _export_routed(args, progress, out)
     models = build_models(args, progress)
     inputs = example_inputs(args, models)
     fused = fuse_models(models, args, inputs, progress)
@@ -267,6 +270,107 @@ def cmd_export(args: argparse.Namespace, progress: Progress) -> int:
                                   tensors, got, dynamic_dims(fused, tensors) if dynamic else None,
                                   checks[1][1] if dynamic else None)
         print(f"wrote Triton model repository entry {entry} (config.pbtxt, 1/model.pt)")
+    return 0
+
+
+def _routed_inputs(args: argparse.Namespace, models: List[nn.Module], second: bool) -> Tuple[List[str], list, Tensor]:
+    """Rows of any models for a routed artifact: the inputs ``[R, ...]`` (a transformers model: token ids of
+    --example-input's batch,sequence, with an attention mask padding some rows) and each row's model id."""
+    n = len(models)
+    shape = list(args.example_input[0])
+    if second:
+        shape[0] += 1
+        if len(shape) == 2 and shape[1] > 2:
+            shape[1] -= 1
+    gen = torch.Generator().manual_seed(args.seed + int(second))
+    model_id = torch.arange(shape[0]) % n
+    model_id = model_id[torch.randperm(shape[0], generator=gen)]
+    if hasattr(getattr(models[0], "config", None), "to_dict"):
+        if len(shape) != 2:
+            raise CLIError("--routed with a transformers model takes one --example-input: batch,sequence")
+        try:
+            ins = hf_example_inputs(models[0], n, shape, True, args.seed + int(second))
+        except CheckpointError as e:
+            raise CLIError(str(e)) from e
+        names = [k for k in ("input_ids", "attention_mask") if k in ins]
+        return names, [ins[k].to(args.device) for k in names], model_id.to(args.device)
+    tensors = [torch.randn([shape[0], *s[1:]], generator=gen).to(args.device, DTYPES[args.dtype])
+               for s in args.example_input]
+    return [f"input_{i}" for i in range(len(tensors))], tensors, model_id.to(args.device)
+
+
+def _export_routed(args: argparse.Namespace, progress: Progress, out: str) -> int:
+    """``fusecc export --routed``: one artifact taking rows of any models plus a model id per row."""
+    from .serve.routed import routed_entry
+
+    if args.format not in ("pt2", "torchscript"):
+        raise _UsageError("--routed exports --format pt2 or torchscript")
+    if args.shared_input:
+        raise _UsageError("--routed takes rows with a model id each; --shared-input does not apply")
+    models = build_models(args, progress)
+    names, tensors, model_id = _routed_inputs(args, models, False)
+    hf = hasattr(getattr(models[0], "config", None), "to_dict")
+    progress.say(f"capturing and fusing {len(models)} models")
+    try:
+        fused = fuse(models).eval()
+        entry = routed_entry(fused, names, hf)
+    except (FusionError, ValueError) as e:
+        raise CLIError(f"cannot export {_source(args)} routed: {first_line(e)}") from e
+    var = [[0] + ([1] if hf else []) for _ in tensors] + [[0]]
+    progress.say(f"exporting a routed {args.format} artifact to {out} (rows and model ids dynamic)")
+
+    def oracle(ts: list, ids: Tensor) -> Dict[str, Tensor]:
+        rows = []
+        with torch.no_grad():
+            for r, k in enumerate(ids.tolist()):
+                one = [t[r:r + 1] for t in ts]
+                o = models[k](**dict(zip(names, one))) if hf else models[k](*one)
+                rows.append(o)
+        first = rows[0]
+        keys = [k for k, v in first.items() if isinstance(v, Tensor)] if hasattr(first, "keys") else ["output"]
+        get = (lambda o, k: o[k]) if hasattr(first, "keys") else (lambda o, k: o)
+        return {k: torch.cat([get(o, k) for o in rows]) for k in keys}
+
+    with atomic_path(out, SUFFIX[args.format]) as tmp:
+        args_in = (*tensors, model_id)
+        try:
+            with torch.no_grad():
+                if args.format == "pt2":
+                    dims = [{d: torch.export.Dim.AUTO for d in v} for v in var]
+                    ep = torch.export.export(entry, args_in, dynamic_shapes=(tuple(dims),), strict=False)
+                    torch.export.save(ep, tmp)
+                else:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        torch.jit.save(torch.jit.trace(entry, args_in, strict=False, check_trace=False), tmp)
+        except Exception as e:
+            raise CLIError(f"routed export as {args.format} failed: {type(e).__name__}: {first_line(e)}") from e
+        progress.say("verifying: each row against its model run alone, at two sizes")
+        artifact = load(tmp, args.format)
+        checks = []
+        for second in (False, True):
+            _, ts, ids = _routed_inputs(args, models, second) if second else (names, tensors, model_id)
+            with torch.no_grad():
+                got = artifact(*ts, ids)
+            ref = oracle(ts, ids)
+            err = max(float((got[k] - ref[k]).abs().max()) / max(float(ref[k].abs().max()), 1e-12) for k in ref)
+            if err > 1e-4:
+                raise CLIError(f"verification failed (not written): the routed artifact differs from the models by "
+                               f"{err:.2e} x max|output| at {_shapes(ts)}")
+            checks.append((ts, ids, got, err))
+        size = os.path.getsize(tmp)
+    print(f"wrote {out} (routed {args.format}, {_mib(size)}, {len(models)} models; inputs "
+          f"{', '.join(names)} [rows, ...] and model_id [rows]); verified row by row against the models at "
+          f"{' and '.join(_shapes(c[0]) for c in checks)}: max error {max(c[3] for c in checks):.2e} x max|output|")
+    if args.triton_repo:
+        from .model_repository import triton_routed_config, write_triton_config
+        got0, got1 = checks[0][2], checks[1][2]
+        outs0 = list(got0.values())
+        var_out = [[d for d in range(a.dim()) if a.shape[d] != b.shape[d]] for a, b in zip(outs0, got1.values())]
+        name = args.name or os.path.splitext(os.path.basename(out))[0]
+        cfg = triton_routed_config(name, [*tensors, model_id.reshape(-1, 1)], outs0, var, var_out, args.max_batch)
+        entry_dir = write_triton_config(args.triton_repo, name, out, cfg)
+        print(f"wrote Triton model repository entry {entry_dir} (config.pbtxt with dynamic batching, 1/model.pt)")
     return 0
 
 
@@ -477,6 +581,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="also write DIR/<name>/1/model.pt and DIR/<name>/config.pbtxt for NVIDIA Triton Inference "
                         "Server (torchscript only)")
     e.add_argument("--name", help="model name in the Triton repository (default: the output file's stem)")
+    e.add_argument("--routed", action="store_true",
+                   help="one artifact for rows of any models: inputs [rows, ...] plus model_id [rows], rows and "
+                        "sequence length dynamic (transformers fleets: Linear/LayerNorm/Embedding weights); with "
+                        "--triton-repo a config with max_batch_size and dynamic batching")
+    e.add_argument("--max-batch", type=_positive, default=64,
+                   help="max_batch_size of the routed artifact's Triton config (default 64)")
     i = sub.add_parser("inspect", help="what fuses and how, fallbacks, parameters and memory for N models")
     _common(i)
     b = sub.add_parser("bench", help="time the fused module against a loop over the models and torch.func vmap")

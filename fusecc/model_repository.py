@@ -40,6 +40,37 @@ def triton_config(name: str, inputs: Sequence[Tensor], outputs: Sequence[Tensor]
             + block("input", inputs, var_in) + block("output", outputs, var_out))
 
 
+def triton_routed_config(name: str, inputs: Sequence[Tensor], outputs: Sequence[Tensor],
+                         dynamic: Sequence[Sequence[int]], dynamic_out: Sequence[Sequence[int]],
+                         max_batch_size: int, max_delay_us: int = 5000) -> str:
+    """config.pbtxt for a routed artifact (``fusecc export --routed``): Triton's dynamic batcher collects rows of any
+    models (each request carries its ``model_id``), dims listed without the batch dim."""
+
+    def block(kind: str, tensors: Sequence[Tensor], var: Sequence[Sequence[int]]) -> str:
+        rows = []
+        for i, t in enumerate(tensors):
+            dims = [-1 if d in var[i] else s for d, s in enumerate(t.shape)][1:] or [1]
+            rows.append(f'  {{ name: "{kind.upper()}__{i}" data_type: {_TYPES[t.dtype]} '
+                        f'dims: [ {", ".join(str(d) for d in dims)} ] }}')
+        return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
+
+    return (f'name: "{name}"\nplatform: "pytorch_libtorch"\nmax_batch_size: {max_batch_size}\n'
+            + block("input", inputs, dynamic) + block("output", outputs, dynamic_out)
+            + f"dynamic_batching {{ max_queue_delay_microseconds: {max_delay_us} }}\n")
+
+
+def write_triton_config(repo: str, name: str, artifact: str, config: str) -> str:
+    """Write ``repo/name/{config.pbtxt, 1/model.pt}`` (each file atomically); returns the entry's folder."""
+    version = os.path.join(repo, name, "1")
+    os.makedirs(version, exist_ok=True)
+    with atomic_path(os.path.join(version, "model.pt")) as tmp:
+        shutil.copyfile(artifact, tmp)
+    with atomic_path(os.path.join(repo, name, "config.pbtxt")) as tmp:
+        with open(tmp, "w") as f:
+            f.write(config)
+    return os.path.join(repo, name)
+
+
 def varying_dims(outs: Sequence[Tensor], other: Any) -> Optional[list]:
     """Per output, the dims whose size differs in ``other`` (the same outputs at another input size)."""
     if other is None:

@@ -176,6 +176,32 @@ def test_routed_shares_what_every_model_shares(berts):
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_lora_fleet_serves_each_adapter(berts):
+    """N peft LoRA adapters (ranks 2, 4, 8) on one base: the fused call (adapters padded to the largest rank) gives
+    each request its own adapter's answer, with the attention mask as an input."""
+    peft = pytest.importorskip("peft")
+    import copy
+    ms = []
+    for r in (2, 4, 8):
+        m = peft.get_peft_model(copy.deepcopy(berts[0]), peft.LoraConfig(r=r, lora_alpha=2 * r,
+                                                                         target_modules=["query", "value"]))
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.1)
+        ms.append(m.eval())
+    fleet = ServedFleet(ms, ["r2", "r4", "r8"], max_batch=4, example_length=8)
+    assert [s.name for s in fleet.inputs][:2] == ["input_ids", "attention_mask"]
+    g = torch.Generator().manual_seed(1)
+    reqs = [Request(m, {"input_ids": torch.randint(0, V, (1, 5 + m), generator=g)}, 1) for m in (2, 0, 1, 2)]
+    fleet.run(reqs)
+    for r in reqs:
+        torch.testing.assert_close(r.outputs["logits"], _bert_alone(ms[r.model], r.inputs["input_ids"]),
+                                   rtol=1e-4, atol=1e-5)
+    other = _bert_alone(ms[1], reqs[0].inputs["input_ids"])  # the adapters differ: the check above can fail
+    assert not torch.allclose(reqs[0].outputs["logits"], other, atol=1e-4)
+
+
 def test_fleet_leaves_models_untouched_and_checks_names(cnns):
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in cnns]
     with pytest.raises(ValueError, match="given twice"):
@@ -605,3 +631,50 @@ def test_command_serves_swaps_and_drains_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------------------------------------------ routed export
+
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+def test_routed_export_takes_rows_of_any_models(berts, tmp_path, fmt, capsys):
+    """`fusecc export --routed`: one artifact, inputs [rows, seq] plus model_id [rows], rows and length dynamic;
+    each row's answer is its own model's."""
+    from fusecc.cli import main
+    from fusecc.export import load
+    dirs = []
+    for i, m in enumerate(berts):
+        d = tmp_path / f"bert-{i}"
+        m.save_pretrained(d)
+        dirs.append(str(d))
+    out = str(tmp_path / f"routed.{'pt2' if fmt == 'pt2' else 'pt'}")
+    argv = ["export", "--hf", *dirs, "--example-input", "4,9", "--routed", "--format", fmt, "-o", out, "-q"]
+    if fmt == "torchscript":
+        argv += ["--triton-repo", str(tmp_path / "repo"), "--name", "fleet", "--max-batch", "16"]
+    assert main(argv) == 0
+    assert "verified row by row" in capsys.readouterr().out
+    artifact = load(out, fmt)
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, V, (7, 13), generator=g)
+    mask = torch.ones_like(ids)
+    mask[3, 8:] = 0
+    model_id = torch.tensor([2, 0, 0, 1, 2, 1, 0])
+    with torch.no_grad():
+        got = artifact(ids, mask, model_id)["logits"]
+    for r, k in enumerate(model_id.tolist()):
+        torch.testing.assert_close(got[r:r + 1], _bert_alone(berts[k], ids[r:r + 1], mask[r:r + 1]), rtol=1e-4,
+                                   atol=1e-5)
+    if fmt == "torchscript":
+        cfg = (tmp_path / "repo" / "fleet" / "config.pbtxt").read_text()
+        assert "max_batch_size: 16" in cfg and "dynamic_batching" in cfg
+        assert 'name: "INPUT__2" data_type: TYPE_INT64 dims: [ 1 ]' in cfg  # model_id, one per row
+        assert 'name: "INPUT__0" data_type: TYPE_INT64 dims: [ -1 ]' in cfg  # token ids of any length
+        with torch.no_grad():  # Triton's batcher sends model_id as [rows, 1]
+            torch.testing.assert_close(artifact(ids, mask, model_id[:, None])["logits"], got)
+
+
+def test_routed_export_refuses_convs(tmp_path, capsys):
+    from fusecc.cli import main
+    out = str(tmp_path / "r.pt2")
+    rc = main(["export", "--arch", os.path.join(ROOT, "tests", "cli_models.py:small_cnn"), "--num-models", "2",
+               "--example-input", "2,3,8,8", "--routed", "--format", "pt2", "-o", out, "-q"])
+    assert rc == 1 and "not routable" in capsys.readouterr().err and not os.path.exists(out)

@@ -153,7 +153,8 @@ def hf_input_specs(model: nn.Module) -> List[TensorSpec]:
     """The served inputs of a transformers model: token ids (+ optional attention mask and token types) for a text
     model, per row ``[-1]``; ``pixel_values`` for a vision model needs an explicit shape (see ``ServedFleet``)."""
     cfg = model.config
-    params = inspect.signature(model.forward).parameters
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: (*args, **kwargs)
+    params = inspect.signature(inner.forward).parameters
     vocab = int(getattr(cfg, "vocab_size", 0) or 0) or None
     most = getattr(cfg, "max_position_embeddings", None)
     pad_id = getattr(cfg, "pad_token_id", None) or 0
@@ -508,7 +509,8 @@ class ServedFleet:
                    list(m.parameters()) + list(m.buffers()))
 
     def describe(self) -> str:
-        how = ("fused (fusecc), per batch the fused call and/or per-model calls from measured costs"
+        how = ("fused (fusecc), per batch the fused call and/or per-model calls"
+               + (" or one routed call" if self.routed is not None else "") + " from measured costs"
                if self.mode == "fused" else "per-model (N eager models, one call per model in each batch)")
         ins = ", ".join(f"{s.name} {str(s.dtype).replace('torch.', '')} {list(s.shape)}" for s in self.inputs)
         return (f"{self.num_models} models ({', '.join(self.names[:4])}{', ...' if self.num_models > 4 else ''}), "

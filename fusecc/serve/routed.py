@@ -25,14 +25,21 @@ __all__ = ["Route", "routed_module"]
 
 class Route:
     """The current batch's routing: ``segments[k] = (model, start, end)`` over rows sorted by model, and
-    ``index`` ([R], the model of each row)."""
+    ``index`` ([R], the model of each row). With ``gather`` (an exported artifact: no data-dependent control flow),
+    rows come in any order and each weight-bearing layer gathers its rows' weights instead of looping over models."""
 
     def __init__(self) -> None:
         self.segments: List[Tuple[int, int, int]] = []
         self.index: Optional[Tensor] = None
-        self.rows = 0
+        self.rows: Any = 0
+        self.gather = False
+
+    def use(self, index: Tensor) -> None:
+        """Gather mode: ``index`` [R] is each row's model."""
+        self.gather, self.index, self.rows = True, index, index.shape[0]
 
     def set(self, counts: List[int]) -> None:
+        self.gather = False
         self.segments, start = [], 0
         for m, c in enumerate(counts):
             if c:
@@ -43,11 +50,19 @@ class Route:
 
 
 def _rows_first(x: Tensor, route: Route) -> Tensor:
+    if route.gather:  # (traced: no data-dependent branch; an input of one row broadcasts)
+        return x.expand(route.rows, *x.shape[1:])
     if x.shape[0] == route.rows:
         return x
     if x.shape[0] == 1:
         return x.expand(route.rows, *x.shape[1:])
     raise RuntimeError(f"fusecc routed: an input of {x.shape[0]} rows in a batch of {route.rows}; rows must be dim 0")
+
+
+def _per_row(t: Tensor, route: Route, x_dim: int) -> Tensor:
+    """``t`` [N, C] gathered for each row and shaped to broadcast over ``[R, ..., C]``."""
+    rows = t.index_select(0, route.index.to(t.device))
+    return rows.reshape(rows.shape[0], *([1] * (x_dim - 2)), rows.shape[-1])
 
 
 class _RoutedLinear(nn.Module):
@@ -60,9 +75,14 @@ class _RoutedLinear(nn.Module):
         x = _rows_first(x, self.route)
         w, b = self.weight, self.bias  # either may be shared by every model (no model dim)
         if w.dim() == 2:  # one GEMM for all rows, each row's own bias added
-            y = F.linear(x, w)
-            rows = b.index_select(0, self.route.index.to(b.device))
-            return y + rows.view(rows.shape[0], *([1] * (x.dim() - 2)), rows.shape[-1])
+            return F.linear(x, w) + _per_row(b, self.route, x.dim())
+        if self.route.gather:  # each row's weight gathered: one bmm over the rows (its tokens share the weight)
+            x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+            wr = w.index_select(0, self.route.index.to(w.device))  # [R, M, K]
+            y = torch.bmm(x3, wr.transpose(1, 2)).reshape(*x.shape[:-1], w.shape[1])
+            if b is None:
+                return y
+            return y + (b if b.dim() == 1 else _per_row(b, self.route, x.dim()))
         outs = [F.linear(x[s:e], w[m], None if b is None else (b if b.dim() == 1 else b[m]))
                 for m, s, e in self.route.segments]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -78,7 +98,8 @@ class _RoutedLayerNorm(nn.Module):
         if t is None or t.dim() == len(self.normalized_shape):  # absent or shared by every model
             return t
         rows = t.index_select(0, self.route.index.to(t.device))  # [R, *shape]
-        return rows.view(rows.shape[0], *([1] * (x.dim() - 1 - len(self.normalized_shape))), *self.normalized_shape)
+        return rows.reshape(rows.shape[0], *([1] * (x.dim() - 1 - len(self.normalized_shape))),
+                            *self.normalized_shape)
 
     def forward(self, x: Tensor) -> Tensor:
         x = _rows_first(x, self.route)
@@ -138,3 +159,39 @@ def routed_module(fused: Any, route: Route) -> Optional[nn.Module]:
         parent, _, leaf = path.rpartition(".")
         setattr(m.get_submodule(parent) if parent else m, leaf, new)
     return m.eval()
+
+
+class RoutedEntry(nn.Module):
+    """The exportable routed fleet: ``forward(*inputs, model_id)`` with every input ``[R, ...]`` (rows of any models,
+    in any order) and ``model_id`` ``[R]`` (or ``[R, 1]``, as NVIDIA Triton's batcher sends a per-row scalar); returns
+    the model's outputs for each row, ``{name: [R, ...]}``. Each weight-bearing layer gathers its rows' weights (one
+    ``bmm`` per linear), so the graph has no data-dependent control flow: torch.export and TorchScript keep the rows
+    and sequence length dynamic."""
+
+    def __init__(self, module: nn.Module, route: Route, names: List[str], keywords: bool) -> None:
+        super().__init__()
+        self.module, self.route, self.names, self.keywords = module, route, list(names), keywords
+
+    def forward(self, *args: Tensor) -> Dict[str, Tensor]:
+        model_id = args[-1]
+        self.route.use(model_id.reshape(-1))
+        xs = args[:-1]
+        out = self.module(**dict(zip(self.names, xs))) if self.keywords else self.module(*xs)
+        if isinstance(out, Tensor):
+            return {"output": out}
+        if hasattr(out, "keys"):
+            return {k: v for k, v in out.items() if isinstance(v, Tensor)}
+        return {f"output_{i}": v for i, v in enumerate(out) if isinstance(v, Tensor)}
+
+
+def routed_entry(fused: Any, names: List[str], keywords: bool) -> RoutedEntry:
+    """The routed fleet of ``fused`` as an exportable module (see :class:`RoutedEntry`); ValueError when a layer with
+    per-model weights has no routed form."""
+    route = Route()
+    module = routed_module(fused, route)
+    if module is None:
+        raise ValueError("the fleet is not routable: a layer with per-model weights is not Linear, LayerNorm or "
+                         "Embedding (convs and batch norms have no routed form yet); export without --routed")
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return RoutedEntry(module, route, names, keywords).eval()
