@@ -2,6 +2,9 @@
 
     repo/<name>/config.pbtxt     fixed input and output shapes (the fleet's [N, B, ...]), no server batching
     repo/<name>/1/model.pt       the TorchScript artifact from ``fusecc export --format torchscript``
+
+A routed artifact (``fusecc export --routed``) gets ``max_batch_size`` and ``dynamic_batching`` instead: Triton's
+batcher then puts rows of any models, each with its ``model_id``, in one call.
 """
 
 from __future__ import annotations
@@ -86,11 +89,5 @@ def write_triton_repo(repo: str, name: str, artifact: str, inputs: Sequence[Tens
     gives the dims of its inputs that vary (``dynamic``) and its outputs at a second size (``other_outputs``): the
     output dims that differ between the two are the variable ones."""
     outs = [t for t in tree_flatten(outputs)[0] if isinstance(t, Tensor)]
-    version = os.path.join(repo, name, "1")
-    os.makedirs(version, exist_ok=True)
-    with atomic_path(os.path.join(version, "model.pt")) as tmp:
-        shutil.copyfile(artifact, tmp)
-    with atomic_path(os.path.join(repo, name, "config.pbtxt")) as tmp:
-        with open(tmp, "w") as f:
-            f.write(triton_config(name, inputs, outs, dynamic, varying_dims(outs, other_outputs)))
-    return os.path.join(repo, name)
+    return write_triton_config(repo, name, artifact,
+                               triton_config(name, inputs, outs, dynamic, varying_dims(outs, other_outputs)))

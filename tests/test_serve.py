@@ -569,6 +569,16 @@ def test_tritonclient_http_unchanged(cnns, cnn_fleet):
             client.close()
 
 
+def save_checkpoints(models, folder, prefix):
+    """One state dict file per model, ``folder/{prefix}{i}.pt``; their paths."""
+    paths = []
+    for i, m in enumerate(models):
+        p = folder / f"{prefix}{i}.pt"
+        torch.save(m.state_dict(), p)
+        paths.append(str(p))
+    return paths
+
+
 def _free_port():
     import socket
     with socket.socket() as s:
@@ -579,11 +589,7 @@ def _free_port():
 def test_command_serves_swaps_and_drains_on_sigterm(tmp_path):
     """`fusecc serve` from checkpoints, `fusecc swap`, and SIGTERM: requests in flight are answered, then exit 0."""
     models = _cnns(2, seed=4)
-    paths = []
-    for i, m in enumerate(models):
-        p = tmp_path / f"ckpt{i}.pt"
-        torch.save(m.state_dict(), p)
-        paths.append(str(p))
+    paths = save_checkpoints(models, tmp_path, "ckpt")
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": ROOT}
     cmd = [sys.executable, "-m", "fusecc", "serve", "--arch", os.path.join(ROOT, "tests", "cli_models.py:small_cnn"),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 
 import pytest
 import torch
@@ -16,17 +15,11 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from tests.test_serve import IMG, _alone, _cnns, _infer_body  # noqa: E402
+from tests.test_serve import IMG, _alone, _cnns, _free_port, _infer_body, save_checkpoints  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +28,7 @@ def ray_fleet(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("ckpts")
     models = _cnns(4, seed=7)
-    paths = []
-    for i, m in enumerate(models):
-        p = d / f"m{i}.pt"
-        torch.save(m.state_dict(), p)
-        paths.append(str(p))
+    paths = save_checkpoints(models, d, "m")
     names = ["m0", "m1", "m2", "m3"]
     spec = FleetSpec(names=names, arch=os.path.join(ROOT, "tests", "cli_models.py:small_cnn"), weights=paths,
                      example_input=(1,) + IMG, max_batch=8, threads=1)

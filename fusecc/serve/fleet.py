@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import threading
 import time
 from dataclasses import dataclass, field
