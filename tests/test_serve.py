@@ -202,6 +202,28 @@ def test_lora_fleet_serves_each_adapter(berts):
     assert not torch.allclose(reqs[0].outputs["logits"], other, atol=1e-4)
 
 
+def test_swap_that_unshares_keeps_routed_answers_right(berts):
+    """A swap that makes a tensor shared by every model differ (the heads' zero biases) un-shares it; the routed
+    copy and the per-model views follow the new tensors."""
+    import copy
+    ms = [copy.deepcopy(m) for m in berts]
+    fleet = ServedFleet(ms, max_batch=4, example_length=6, calibrate=False)
+    assert "classifier.bias" in fleet.fused.shared_tensors
+    new = copy.deepcopy(ms[1])
+    with torch.no_grad():
+        new.classifier.bias.add_(1.0)
+    fleet.load_model_state_dict(1, new.state_dict())
+    assert "classifier.bias" not in fleet.fused.shared_tensors
+    ids = torch.randint(0, V, (3, 6))
+    for strategy in ("routed", "per-model", "fused"):
+        fleet.strategy = strategy
+        reqs = [Request(m, {"input_ids": ids[m:m + 1]}, 1) for m in range(3)]
+        fleet.run(reqs)
+        for r, ref in zip(reqs, [ms[0], new, ms[2]]):
+            torch.testing.assert_close(r.outputs["logits"], _bert_alone(ref, r.inputs["input_ids"]), rtol=1e-4,
+                                       atol=1e-5)
+
+
 def test_fleet_leaves_models_untouched_and_checks_names(cnns):
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in cnns]
     with pytest.raises(ValueError, match="given twice"):

@@ -491,6 +491,7 @@ class ServedFleet:
                 self.fused.load_model_state_dict(model, state_dict)
                 if set(self.fused.shared_tensors) != shared_before:  # un-shared: the views point at old tensors
                     self.models = self._views()
+                    self.routed = routed_module(self.fused, self._route)
             else:
                 target = self.models[model]
                 missing = [k for k in target.state_dict() if k not in state_dict]

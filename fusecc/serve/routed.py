@@ -117,9 +117,7 @@ class _RoutedEmbedding(nn.Module):
         super().__init__()
         self.weight, self.route = weight, route  # [N, V, D]
         self.num_embeddings, self.embedding_dim = weight.shape[1], weight.shape[2]
-        self.padding_idx = emb.padding_idx
-        if emb.max_norm is not None:
-            raise NotImplementedError("max_norm")
+        self.padding_idx = emb.padding_idx  # (max_norm embeddings are not routed: routed_module declines them)
 
     def forward(self, ids: Tensor) -> Tensor:
         ids = _rows_first(ids, self.route)
