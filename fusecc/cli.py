@@ -276,6 +276,8 @@ def cmd_export(args: argparse.Namespace, progress: Progress) -> int:
 def _routed_inputs(args: argparse.Namespace, models: List[nn.Module], second: bool) -> Tuple[List[str], list, Tensor]:
     """Rows of any models for a routed artifact: the inputs ``[R, ...]`` (a transformers model: token ids of
     --example-input's batch,sequence, with an attention mask padding some rows) and each row's model id."""
+    from .serve.fleet import is_transformers
+
     n = len(models)
     shape = list(args.example_input[0])
     if second:
@@ -285,7 +287,7 @@ def _routed_inputs(args: argparse.Namespace, models: List[nn.Module], second: bo
     gen = torch.Generator().manual_seed(args.seed + int(second))
     model_id = torch.arange(shape[0]) % n
     model_id = model_id[torch.randperm(shape[0], generator=gen)]
-    if hasattr(getattr(models[0], "config", None), "to_dict"):
+    if is_transformers(models[0]):
         if len(shape) != 2:
             raise CLIError("--routed with a transformers model takes one --example-input: batch,sequence")
         try:
@@ -301,6 +303,7 @@ def _routed_inputs(args: argparse.Namespace, models: List[nn.Module], second: bo
 
 def _export_routed(args: argparse.Namespace, progress: Progress, out: str) -> int:
     """``fusecc export --routed``: one artifact taking rows of any models plus a model id per row."""
+    from .serve.fleet import is_transformers
     from .serve.routed import routed_entry
 
     if args.format not in ("pt2", "torchscript"):
@@ -309,7 +312,7 @@ def _export_routed(args: argparse.Namespace, progress: Progress, out: str) -> in
         raise _UsageError("--routed takes rows with a model id each; --shared-input does not apply")
     models = build_models(args, progress)
     names, tensors, model_id = _routed_inputs(args, models, False)
-    hf = hasattr(getattr(models[0], "config", None), "to_dict")
+    hf = is_transformers(models[0])
     progress.say(f"capturing and fusing {len(models)} models")
     try:
         fused = fuse(models).eval()
@@ -455,7 +458,7 @@ def _names(args: argparse.Namespace, n: int) -> List[str]:
 
 
 def cmd_serve(args: argparse.Namespace, progress: Progress) -> int:
-    from .serve import ServedFleet, TensorSpec  # (the HTTP layer's packages are imported below, once needed)
+    from .serve.fleet import ServedFleet, inputs_from_example, is_transformers  # (the HTTP layer: below)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -467,17 +470,10 @@ def cmd_serve(args: argparse.Namespace, progress: Progress) -> int:
         raise CLIError(f"fusecc serve needs its extra packages: pip install 'fusecc[serve]' ({e})") from e
     models = build_models(args, progress)
     names = _names(args, len(models))
-    if args.hf or hasattr(getattr(models[0], "config", None), "to_dict"):  # a transformers model: token ids
-        shape = args.example_input[0] if args.example_input else (1, 32)
-        specs, length = None, shape[-1] if len(shape) == 2 else 32
-    else:
-        if not args.example_input:
-            raise _UsageError("--example-input is required with --arch: the input shape of one batch, e.g. "
-                              "1,3,32,32 (the batch dim is dynamic)")
-        many = len(args.example_input) > 1
-        specs = [TensorSpec(f"input_{i}" if many else "input", DTYPES[args.dtype], tuple(s[1:]))
-                 for i, s in enumerate(args.example_input)]
-        length = 32
+    if not is_transformers(models[0]) and not args.example_input:
+        raise _UsageError("--example-input is required with --arch: the input shape of one batch, e.g. "
+                          "1,3,32,32 (the batch dim is dynamic)")
+    specs, length = inputs_from_example(models[0], args.example_input or (), DTYPES[args.dtype])
     progress.say(f"fusing {len(models)} models and measuring the batch costs" if args.mode == "fused"
                  else f"loading {len(models)} models")
     try:

@@ -34,9 +34,10 @@ from torch import Tensor
 
 from ..api import FusedModule, fuse
 from ..fleet import skeleton
-from .routed import Route, routed_module
+from .routed import Route, flatten_outputs, routed_module
 
-__all__ = ["TensorSpec", "Request", "ServedFleet", "Plan", "STRATEGIES"]
+__all__ = ["TensorSpec", "Request", "ServedFleet", "Plan", "STRATEGIES", "inputs_from_example",
+           "is_transformers"]
 
 STRATEGIES = ("auto", "fused", "per-model", "routed")
 
@@ -135,19 +136,6 @@ class CostModel:
         return best
 
 
-def _flatten_outputs(out: Any) -> Dict[str, Tensor]:
-    """A model's output as ``{name: tensor}``: a ModelOutput / dict by its keys, a tensor as "output", a tuple or
-    list as "output_0", "output_1", ..."""
-    if isinstance(out, Tensor):
-        return {"output": out}
-    if isinstance(out, Mapping) or hasattr(out, "keys"):
-        return {k: v for k, v in out.items() if isinstance(v, Tensor)}
-    if isinstance(out, (tuple, list)):
-        return {f"output_{i}": v for i, v in enumerate(out) if isinstance(v, Tensor)}
-    raise TypeError(f"fusecc serve: the model returned {type(out).__name__}; expected a tensor, a tuple/list or a "
-                    "dict of tensors")
-
-
 def hf_input_specs(model: nn.Module) -> List[TensorSpec]:
     """The served inputs of a transformers model: token ids (+ optional attention mask and token types) for a text
     model, per row ``[-1]``; ``pixel_values`` for a vision model needs an explicit shape (see ``ServedFleet``)."""
@@ -167,8 +155,21 @@ def hf_input_specs(model: nn.Module) -> List[TensorSpec]:
     return specs
 
 
-def _is_hf(model: nn.Module) -> bool:
-    return hasattr(model, "config") and hasattr(model.config, "to_dict")
+def is_transformers(model: nn.Module) -> bool:
+    """A Hugging Face transformers model (or a peft model around one): it has a config object."""
+    return hasattr(getattr(model, "config", None), "to_dict")
+
+
+def inputs_from_example(model: nn.Module, example_input: Sequence[Sequence[int]], dtype: torch.dtype = torch.float32
+                        ) -> Tuple[Optional[List[TensorSpec]], int]:
+    """The served inputs and calibration length from example batch shapes (the batch dim is dropped): a
+    transformers model takes token ids (``None``: its own inputs) of the example's sequence length; any other model
+    one input per shape, ``input`` or ``input_0``, ``input_1``, ..."""
+    if is_transformers(model):
+        shape = example_input[0] if example_input else (1, 32)
+        return None, shape[-1] if len(shape) == 2 else 32
+    many = len(example_input) > 1
+    return [TensorSpec(f"input_{i}" if many else "input", dtype, tuple(s[1:])) for i, s in enumerate(example_input)], 32
 
 
 class ServedFleet:
@@ -212,7 +213,7 @@ class ServedFleet:
         self.names = names
         self.index = {n: i for i, n in enumerate(names)}
         self.mode, self.strategy, self.max_batch = mode, strategy, int(max_batch)
-        self.hf = _is_hf(models[0])
+        self.hf = is_transformers(models[0])
         if inputs is None:
             if not self.hf or getattr(models[0], "main_input_name", "input_ids") != "input_ids":
                 raise ValueError("fusecc serve: give the inputs per row (inputs=[TensorSpec('input', torch.float32, "
@@ -324,7 +325,7 @@ class ServedFleet:
                 out = module(**tensors)
             else:
                 out = module(*[tensors[s.name] for s in self.inputs if s.name in tensors])
-        return _flatten_outputs(out)
+        return flatten_outputs(out)
 
     # ------------------------------------------------------------------------------------------ running
     def run(self, batch: Sequence[Request]) -> Plan:
@@ -332,17 +333,19 @@ class ServedFleet:
         with self._lock:
             return self._run(batch)
 
-    def _run(self, batch: Sequence[Request]) -> Plan:
+    def _run(self, batch: Sequence[Request], strategy: Optional[str] = None) -> Plan:
+        """``strategy`` overrides ``self.strategy`` for this batch (warm-up and calibration time each way)."""
+        strategy = strategy or self.strategy
         n = self.num_models
         per_model: List[List[Request]] = [[] for _ in range(n)]
         for r in batch:
             per_model[r.model].append(r)
         counts = [sum(r.rows for r in rs) for rs in per_model]
-        if self.strategy == "routed" and self.routed is not None:
+        if strategy == "routed" and self.routed is not None:
             plan = Plan(0, 0.0, 0, routed=True)
-        elif self.mode == "per-model" or (self.strategy == "per-model" and self.models):
+        elif self.mode == "per-model" or (strategy == "per-model" and self.models):
             plan = Plan(0, 0.0, sum(1 for c in counts if c))
-        elif self.strategy == "fused" or not self.models:  # (no per-model views, LoRA: always the fused call)
+        elif strategy == "fused" or not self.models:  # (no per-model views, LoRA: always the fused call)
             plan = Plan(max(counts), 0.0, 0)
         else:
             plan = self.cost.plan(counts)
@@ -419,23 +422,16 @@ class ServedFleet:
         var = any(-1 in s.shape for s in self.inputs)
         lengths = [self.example_length, max(self.example_length - 1, 1)] if var else [self.example_length]
         seen = []
-        plan_strategy, self.strategy = self.strategy, ("fused" if self.mode == "fused" else "per-model")
-        try:
-            for length in lengths:
-                reqs = [self.example_request(k, 1, length, seed=k) for k in range(self.num_models)]
-                self._run(reqs)
-                if self.mode == "fused" and self.models:  # the per-model views too
-                    self.strategy = "per-model"
-                    self._run(reqs[:1])
-                    self.strategy = "fused"
-                if self.routed is not None:  # and the routed module
-                    self.strategy = "routed"
-                    self._run(reqs)
-                    self.strategy = "fused"
-                assert reqs[0].outputs is not None
-                seen.append({k: (v.dtype, tuple(v.shape[1:])) for k, v in reqs[0].outputs.items()})
-        finally:
-            self.strategy = plan_strategy
+        first = "fused" if self.mode == "fused" else "per-model"
+        for length in lengths:
+            reqs = [self.example_request(k, 1, length, seed=k) for k in range(self.num_models)]
+            self._run(reqs, first)
+            if self.mode == "fused" and self.models:  # the per-model views too
+                self._run(reqs[:1], "per-model")
+            if self.routed is not None:  # and the routed module
+                self._run(reqs, "routed")
+            assert reqs[0].outputs is not None
+            seen.append({k: (v.dtype, tuple(v.shape[1:])) for k, v in reqs[0].outputs.items()})
         for name, (dtype, shape) in seen[0].items():
             other = seen[-1][name][1]
             self.outputs[name] = (dtype, tuple(-1 if a != b else a for a, b in zip(shape, other)))
@@ -458,26 +454,19 @@ class ServedFleet:
             return min(ts)
 
         assert self.fused is not None
-        saved = self.strategy
-        try:
-            for b in grid:
-                reqs = [self.example_request(k, b, seed=b) for k in range(self.num_models)]
-                self.strategy = "fused"
-                fused[b] = best(lambda: self._run(reqs))
-                if self.models:
-                    self.strategy = "per-model"
-                    single[b] = best(lambda: self._run(reqs[:1]))
-                if self.routed is not None:
-                    self.strategy = "routed"
-                    routed[b] = best(lambda: self._run(reqs[:1]))
-                    k = min(b, self.num_models)
-                    if k > 1:  # b rows over k models, one row per model and the rest on model 0
-                        mixed = [self.example_request(m, 1 + (b - k if m == 0 else 0), seed=b) for m in range(k)]
-                        spread[b] = (best(lambda: self._run(mixed)) - routed[b]) / (k - 1)
-                if fused[b] > 2.0:  # a slow model: the rest is extrapolated
-                    break
-        finally:
-            self.strategy = saved
+        for b in grid:
+            reqs = [self.example_request(k, b, seed=b) for k in range(self.num_models)]
+            fused[b] = best(lambda: self._run(reqs, "fused"))
+            if self.models:
+                single[b] = best(lambda: self._run(reqs[:1], "per-model"))
+            if self.routed is not None:
+                routed[b] = best(lambda: self._run(reqs[:1], "routed"))
+                k = min(b, self.num_models)
+                if k > 1:  # b rows over k models, one row per model and the rest on model 0
+                    mixed = [self.example_request(m, 1 + (b - k if m == 0 else 0), seed=b) for m in range(k)]
+                    spread[b] = (best(lambda: self._run(mixed, "routed")) - routed[b]) / (k - 1)
+            if fused[b] > 2.0:  # a slow model: the rest is extrapolated
+                break
         per_model = [v for k, v in sorted(spread.items()) if k <= self.num_models]
         self.cost = CostModel(fused, single, routed, max(per_model[-1], 0.0) if per_model else 0.0)
         return self.cost

@@ -68,20 +68,13 @@ class FleetSpec:
         import torch
 
         from ..checkpoints import load_fleet, load_hf_fleet
-        from .fleet import ServedFleet, TensorSpec
+        from .fleet import ServedFleet, inputs_from_example
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        if self.hf:
-            models = [m.eval() for m in load_hf_fleet(self.hf)]
-            specs, length = None, self.example_input[-1] if len(self.example_input) == 2 else 32
-        else:
-            models = [m.eval() for m in load_fleet(self.arch, self.arch_kwargs, self.weights)]
-            if hasattr(getattr(models[0], "config", None), "to_dict"):
-                specs, length = None, self.example_input[-1] if len(self.example_input) == 2 else 32
-            else:
-                specs = [TensorSpec("input", torch.float32, tuple(self.example_input[1:]))]
-                length = 32
+        models = [m.eval() for m in (load_hf_fleet(self.hf) if self.hf else
+                                     load_fleet(self.arch, self.arch_kwargs, self.weights))]
+        specs, length = inputs_from_example(models[0], [self.example_input] if self.example_input else [])
         return ServedFleet(models, self.names, inputs=specs, mode=self.mode, max_batch=self.max_batch,
                            example_length=length)
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Route", "routed_module"]
+__all__ = ["Route", "routed_module", "flatten_outputs", "RoutedEntry", "routed_entry"]
 
 
 class Route:
@@ -63,6 +63,19 @@ def _per_row(t: Tensor, route: Route, x_dim: int) -> Tensor:
     """``t`` [N, C] gathered for each row and shaped to broadcast over ``[R, ..., C]``."""
     rows = t.index_select(0, route.index.to(t.device))
     return rows.reshape(rows.shape[0], *([1] * (x_dim - 2)), rows.shape[-1])
+
+
+def flatten_outputs(out: Any) -> Dict[str, Tensor]:
+    """A model's output as ``{name: tensor}``: a ModelOutput / dict by its keys, a tensor as "output", a tuple or
+    list as "output_0", "output_1", ..."""
+    if isinstance(out, Tensor):
+        return {"output": out}
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        return {k: v for k, v in out.items() if isinstance(v, Tensor)}
+    if isinstance(out, (tuple, list)):
+        return {f"output_{i}": v for i, v in enumerate(out) if isinstance(v, Tensor)}
+    raise TypeError(f"fusecc serve: the model returned {type(out).__name__}; expected a tensor, a tuple/list or a "
+                    "dict of tensors")
 
 
 class _RoutedLinear(nn.Module):
@@ -174,12 +187,7 @@ class RoutedEntry(nn.Module):
         model_id = args[-1]
         self.route.use(model_id.reshape(-1))
         xs = args[:-1]
-        out = self.module(**dict(zip(self.names, xs))) if self.keywords else self.module(*xs)
-        if isinstance(out, Tensor):
-            return {"output": out}
-        if hasattr(out, "keys"):
-            return {k: v for k, v in out.items() if isinstance(v, Tensor)}
-        return {f"output_{i}": v for i, v in enumerate(out) if isinstance(v, Tensor)}
+        return flatten_outputs(self.module(**dict(zip(self.names, xs))) if self.keywords else self.module(*xs))
 
 
 def routed_entry(fused: Any, names: List[str], keywords: bool) -> RoutedEntry:
