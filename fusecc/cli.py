@@ -608,7 +608,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="fused (fusecc) or per-model (N eager models, a call per model per batch: a baseline)")
     s.add_argument("--strategy", choices=["auto", "fused", "per-model", "routed"], default="auto",
                    help="how a fused fleet runs a batch: auto (from costs measured at start-up), fused (always one "
-                        "fused call), per-model, or routed (rows sorted by model through one routed copy: transformers)")
+                        "fused call), per-model, or routed (rows sorted by model through one routed copy: "
+                        "transformers)")
     s.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     w = sub.add_parser("swap", help="give one model of a running server new weights (hot swap)",
