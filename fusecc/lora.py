@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -36,6 +37,10 @@ SCALE_BUFFER = "_fusecc_lora_scale_{}"  # the 0-dim buffer of an adapter's scali
 
 
 def _lora_linear_type() -> Any:
+    # a model holding peft's LoRA layers was made by peft, so peft is imported already; importing it here for models
+    # that have none would cost every fuse() seconds (peft imports transformers)
+    if "peft" not in sys.modules:
+        return None
     try:
         from peft.tuners.lora.layer import Linear
     except Exception:  # noqa: BLE001 - peft absent (or broken): there are no peft LoRA layers to fuse
