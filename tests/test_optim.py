@@ -414,3 +414,55 @@ def test_per_model_flags_on_the_aten_path_and_the_kernels(opt_name, kwargs, back
     assert_same_weights(fused, models)
     with pytest.raises(ValueError, match="'maximize' must be a bool or num_models=4 bools"):
         getattr(fusecc.optim, opt_name)(fused, maximize=[True, False])
+
+
+RESETS = [  # (optimizer, its per-model settings, model 1's new settings at the restart)
+    ("SGD", dict(lr=[0.1, 0.05, 0.02, 0.2], momentum=[0.0, 0.9, 0.5, 0.8], weight_decay=[0.0, 1e-2, 1e-3, 0.1]),
+     dict(lr=0.03, momentum=0.7, weight_decay=1e-3)),
+    ("SGD", dict(lr=[0.1, 0.05, 0.02, 0.2]), dict(lr=0.07, momentum=0.9)),  # momentum where no model had any
+    ("Adam", dict(lr=[1e-3, 3e-3, 1e-2, 3e-4], weight_decay=[0.0, 0.01, 0.1, 0.0]),
+     dict(lr=2e-3, betas=(0.8, 0.99), amsgrad=True)),
+    ("AdamW", dict(lr=[1e-3, 3e-3, 1e-2, 3e-4], weight_decay=[0.0, 0.01, 0.1, 0.5]), dict(lr=5e-3, weight_decay=0.2)),
+    ("RMSprop", dict(lr=[1e-3, 3e-3, 1e-2, 3e-4], centered=True), dict(lr=2e-3, momentum=0.5, alpha=0.9)),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("opt_name,kwargs,new", RESETS, ids=[f"{o}-{i}" for i, (o, _, _) in enumerate(RESETS)])
+def test_reset_model_restarts_one_model_as_a_new_torch_optimizer(opt_name, kwargs, new, backend):
+    """reset_model(1, ...) mid-training (new weights loaded into slot 1): model 1 then trains as a NEW torch model
+    with a NEW torch optimizer of the new settings (its first step is a first step: Adam's bias correction, SGD's
+    momentum buffer); models 0, 2, 3 go on as their own torch optimizers. Step counts become per model."""
+    from fusecc.kernels import use_backend
+
+    with use_backend(backend):
+        models = make_models(Net, N)
+        refs = [copy.deepcopy(m) for m in models]
+        fused = fusecc.fuse(models).train()
+        opt = getattr(fusecc.optim, opt_name)(fused, **kwargs)
+        ref_opts = [getattr(torch.optim, opt_name)(m.parameters(), **per_model(kwargs, i)) for i, m in enumerate(refs)]
+        batches = data(5)
+        run_steps(fused, opt, refs, ref_opts, batches[:2])
+        torch.manual_seed(7)
+        fresh = make_models(Net, 1)[0]
+        fused.load_model_state_dict(1, fresh.state_dict())
+        opt.reset_model(1, **new)
+        refs[1] = fresh
+        ref_opts[1] = getattr(torch.optim, opt_name)(fresh.parameters(), **{**per_model(kwargs, 1), **new})
+        run_steps(fused, opt, refs, ref_opts, batches[2:])
+    assert_same_weights(fused, refs)
+
+
+def test_reset_model_errors():
+    fused = fusecc.fuse(make_models(Net, N)).train()
+    opt = fusecc.optim.SGD(fused, lr=0.1, momentum=0.9, dampening=[0.0, 0.1, 0.0, 0.0])
+    fusecc.per_model_loss(F.cross_entropy, fused(data(1)[0][0]), data(1)[0][1]).sum().backward()
+    opt.step()
+    with pytest.raises(ValueError, match="'betas' is not a per-model hyper-parameter|'beta1' is not"):
+        opt.reset_model(0, betas=(0.9, 0.99))
+    with pytest.raises(IndexError, match="model 4 out of range"):
+        opt.reset_model(4, lr=0.1)
+    with pytest.raises(ValueError, match="dampening != 0"):
+        opt.reset_model(1, lr=0.1)
+    with pytest.raises(ValueError, match="'lr' must be >= 0"):
+        opt.reset_model(0, lr=-1.0)

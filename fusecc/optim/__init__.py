@@ -212,6 +212,47 @@ class FusedOptimizer(torch.optim.Optimizer):
                 rest.extend(buckets.pop(k))
         return buckets, rest
 
+    def reset_model(self, model: int, **hyperparameters: Any) -> None:
+        """Start model ``model`` afresh: its hyper-parameters set to ``hyperparameters`` (those not given are kept),
+        its optimizer state zeroed, so its next step is a first step, as a new ``torch.optim`` optimizer's would be.
+        The other models are untouched. (Hyper-parameter search refills a finished trial's slot with it; the slot's
+        weights are reset with ``FusedModule.load_model_state_dict``.)"""
+        n = self.num_models
+        if not 0 <= model < n:
+            raise IndexError(f"fusecc.optim: model {model} out of range for num_models={n}")
+        if "betas" in hyperparameters:
+            hyperparameters["beta1"], hyperparameters["beta2"] = hyperparameters.pop("betas")
+        unknown = [k for k in hyperparameters if k not in self._per_model and k not in self._flags]
+        if unknown:
+            raise ValueError(f"fusecc.optim.{type(self).__name__}.reset_model: '{unknown[0]}' is not a per-model "
+                             f"hyper-parameter; per model are {', '.join(list(self._per_model) + list(self._flags))}")
+        for g in self.param_groups:
+            for k, v in hyperparameters.items():
+                vals = list(g[k])
+                vals[model] = v
+                g[k] = self._expand_flag(k, vals) if k in self._flags else self._expand(k, vals)
+            self._check_group(g)
+            for p in g["params"]:
+                st = self.state.get(p)
+                if st:
+                    self._reset_state(g, p, st, model)
+
+    def _check_group(self, g: Dict[str, Any]) -> None:
+        """Validate a group's hyper-parameters after a change (subclasses)."""
+
+    def _reset_state(self, g: Dict[str, Any], p: Tensor, st: Dict[str, Any], model: int) -> None:
+        """Zero model ``model``'s slice of every per-model state tensor of p; a step count becomes per model."""
+        n = self.num_models
+        for k, v in list(st.items()):
+            if not isinstance(v, Tensor):
+                continue
+            if k == "step":
+                if v.dim() == 0:
+                    v = st[k] = v.expand(n).clone()
+                v[model] = 0
+            elif v.dim() > 0 and v.shape[0] == n:
+                v[model].zero_()
+
     def select(self, indices: Sequence[int], fused: Any) -> "FusedOptimizer":
         """The same optimizer narrowed to models ``indices`` of ``fused`` (made by ``FusedModule.select``), keeping
         their hyper-parameters and optimizer state."""
@@ -253,8 +294,19 @@ class SGD(FusedOptimizer):
                         maximize=maximize)
         super().__init__(params, defaults, num_models)
         for g in self.param_groups:
-            if g["nesterov"] and any(m <= 0 or d != 0 for m, d in zip(g["momentum"], g["dampening"])):
-                raise ValueError("fusecc.optim.SGD: nesterov needs momentum > 0 and dampening = 0 for every model")
+            self._check_group(g)
+
+    def _check_group(self, g: Dict[str, Any]) -> None:
+        if g["nesterov"] and any(m <= 0 or d != 0 for m, d in zip(g["momentum"], g["dampening"])):
+            raise ValueError("fusecc.optim.SGD: nesterov needs momentum > 0 and dampening = 0 for every model")
+
+    def _reset_state(self, g: Dict[str, Any], p: Tensor, st: Dict[str, Any], model: int) -> None:
+        # a zero buffer makes the next step buf = momentum * 0 + (1 - dampening) * d: torch's first step (buf = d)
+        # only without dampening
+        if g["dampening"][model] != 0 and "momentum_buffer" in st:
+            raise ValueError("fusecc.optim.SGD.reset_model: a model restarted with dampening != 0 would not take "
+                             "torch's first step (buf = grad, dampening ignored); use dampening=0 or a new optimizer")
+        super()._reset_state(g, p, st, model)
 
     def _update(self, g: Dict[str, Any], p: Tensor, grad: Tensor, st: Dict[str, Any]) -> None:
         d = grad
@@ -345,10 +397,18 @@ class Adam(FusedOptimizer):
                         maximize=maximize)
         super().__init__(params, defaults, num_models)
         for g in self.param_groups:
-            for k in ("beta1", "beta2"):
-                bad = [i for i, v in enumerate(g[k]) if not 0.0 <= v < 1.0]
-                if bad:
-                    raise ValueError(f"fusecc.optim: '{k}' must be in [0, 1); model {bad[0]} has {g[k][bad[0]]}")
+            self._check_group(g)
+
+    def _check_group(self, g: Dict[str, Any]) -> None:
+        for k in ("beta1", "beta2"):
+            bad = [i for i, v in enumerate(g[k]) if not 0.0 <= v < 1.0]
+            if bad:
+                raise ValueError(f"fusecc.optim: '{k}' must be in [0, 1); model {bad[0]} has {g[k][bad[0]]}")
+
+    def _reset_state(self, g: Dict[str, Any], p: Tensor, st: Dict[str, Any], model: int) -> None:
+        if g["amsgrad"][model] and "max_exp_avg_sq" not in st:
+            st["max_exp_avg_sq"] = torch.zeros_like(p)
+        super()._reset_state(g, p, st, model)
 
     def _update(self, g: Dict[str, Any], p: Tensor, grad: Tensor, st: Dict[str, Any]) -> None:
         if not st:
@@ -358,7 +418,8 @@ class Adam(FusedOptimizer):
             if any(g["amsgrad"]):
                 st["max_exp_avg_sq"] = torch.zeros_like(p)
         st["step"] += 1
-        step = float(st["step"])
+        n = self.num_models
+        steps = st["step"].tolist() if st["step"].dim() else [float(st["step"])] * n  # per model after reset_model
         if any(g["weight_decay"]):
             if self._decoupled:
                 p.mul_(self._hp([1 - lr * wd for lr, wd in zip(g["lr"], g["weight_decay"])], p))
@@ -370,8 +431,8 @@ class Adam(FusedOptimizer):
             st["exp_avg_sq"].mul_(g["beta2"][0]).addcmul_(grad, grad, value=one_minus_b2)
         else:
             st["exp_avg_sq"].mul_(self._hp(g["beta2"], p)).addcmul_(grad, grad * one_minus_b2)
-        bc1 = [1 - b**step for b in g["beta1"]]
-        bc2_sqrt = self._hp([math.sqrt(1 - b**step) for b in g["beta2"]], p)
+        bc1 = [1 - b**step for b, step in zip(g["beta1"], steps)]
+        bc2_sqrt = self._hp([math.sqrt(1 - b**step) for b, step in zip(g["beta2"], steps)], p)
         step_size = self._hp([lr / c for lr, c in zip(g["lr"], bc1)], p)
         sq = st["exp_avg_sq"]
         ams = g["amsgrad"]
@@ -410,12 +471,13 @@ class Adam(FusedOptimizer):
         """torch's own fused CPU Adam/AdamW kernel, once per model over that model's slices of every parameter: one
         pass over memory for the whole group, each model with its own hyper-parameters (the kernel takes one set)."""
         sts = self._advance(params, keys)
-        steps = [st["step"] for st in sts]  # the same step for every model of a parameter (read, not written)
+        steps = [st["step"] for st in sts]  # the step of every model of a parameter, or one per model (read only)
         fn = torch._fused_adamw_ if self._decoupled else torch._fused_adam_
         for i in range(self.num_models):
             fn([p[i] for p in params], [p.grad[i] for p in params], [st["exp_avg"][i] for st in sts],
                [st["exp_avg_sq"][i] for st in sts],
-               [st["max_exp_avg_sq"][i] for st in sts] if g["amsgrad"][i] else [], steps,
+               [st["max_exp_avg_sq"][i] for st in sts] if g["amsgrad"][i] else [],
+               [s[i] if s.dim() else s for s in steps],
                lr=g["lr"][i], beta1=g["beta1"][i], beta2=g["beta2"][i], weight_decay=g["weight_decay"][i],
                eps=g["eps"][i], amsgrad=g["amsgrad"][i], maximize=g["maximize"][i])
 
@@ -429,8 +491,12 @@ class Adam(FusedOptimizer):
             params = [p for p in params if id(p) not in done]
         if len(set(g["maximize"])) > 1 or len(set(g["amsgrad"])) > 1:  # (the Triton kernel takes one flag of each)
             return params
+        per_model_step = [p for p in params if self.state[p] and self.state[p]["step"].dim()]
+        if per_model_step:  # (the Triton kernel takes one step count)
+            params = [p for p in params if not (self.state[p] and self.state[p]["step"].dim())]
         buckets, rest = self._kernel_buckets(
             params, "adam_step", lambda p: float(self.state[p]["step"]) if self.state[p] else 0.0, keys)
+        rest += per_model_step
         for (_, _, step), ps in buckets.items():
             sts = self._advance(ps, keys)
             _kernels.adam_step(ps, [p.grad.contiguous() for p in ps], [st["exp_avg"] for st in sts],
@@ -465,6 +531,11 @@ class RMSprop(FusedOptimizer):
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
                         maximize=maximize)
         super().__init__(params, defaults, num_models)
+
+    def _reset_state(self, g: Dict[str, Any], p: Tensor, st: Dict[str, Any], model: int) -> None:
+        if g["momentum"][model] and "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(p)
+        super()._reset_state(g, p, st, model)
 
     def _init_state(self, g: Dict[str, Any], p: Tensor, st: Dict[str, Any]) -> None:
         st["step"] = torch.zeros((), dtype=torch.float32)
