@@ -310,6 +310,14 @@ class FusedModule(nn.Module):
                 UserWarning, stacklevel=3)
         self.unshare(names)
 
+    def train(self, mode: bool = True) -> "FusedModule":
+        """As ``nn.Module.train``; also drops the weights re-laid out for inference (``runtime.derived``), so no
+        update that bypassed a parameter's version counter can leave a stale copy for the next eval."""
+        from .runtime.derived import clear_derived
+
+        clear_derived(list(self.parameters()) + list(self.buffers()))
+        return super().train(mode)
+
     def _register(self, name: str, t: Tensor, persistent: bool = True) -> None:
         parent, _, leaf = name.rpartition(".")
         owner = self.get_submodule(parent) if parent else self

@@ -466,3 +466,61 @@ def test_reset_model_errors():
         opt.reset_model(1, lr=0.1)
     with pytest.raises(ValueError, match="'lr' must be >= 0"):
         opt.reset_model(0, lr=-1.0)
+
+
+@pytest.mark.parametrize("opt_name,kwargs", [RESETS[0][:2], RESETS[2][:2], RESETS[4][:2]], ids=["SGD", "Adam", "RMSprop"])
+def test_fork_one_model_into_another(opt_name, kwargs):
+    """model_state(0) -> load_model_state(2) with model 0's weights: model 2 continues as a copy of torch model 0
+    and its torch optimizer (state_dict copied); the others go on untouched (stage sharing forks trials so)."""
+    models = make_models(Net, N)
+    refs = [copy.deepcopy(m) for m in models]
+    fused = fusecc.fuse(models).train()
+    opt = getattr(fusecc.optim, opt_name)(fused, **kwargs)
+    ref_opts = [getattr(torch.optim, opt_name)(m.parameters(), **per_model(kwargs, i)) for i, m in enumerate(refs)]
+    batches = data(5)
+    run_steps(fused, opt, refs, ref_opts, batches[:2])
+    fused.load_model_state_dict(2, fused.model_state_dict(0))
+    opt.load_model_state(2, opt.model_state(0))
+    refs[2] = copy.deepcopy(refs[0])
+    ref_opts[2] = getattr(torch.optim, opt_name)(refs[2].parameters(), **per_model(kwargs, 0))
+    ref_opts[2].load_state_dict(copy.deepcopy(ref_opts[0].state_dict()))  # (torch would share the step tensor)
+    run_steps(fused, opt, refs, ref_opts, batches[2:])
+    assert_same_weights(fused, refs)
+    assert opt.param_groups[0]["lr"][2] == opt.param_groups[0]["lr"][0]
+
+
+@pytest.mark.parametrize("make_opt", ["fusecc.optim.SGD", "fusecc.optim.Adam", "torch.optim.SGD(fused=True)",
+                                      "p.data"])
+def test_eval_after_training_sees_the_updated_weights(make_opt):
+    """Regression: inference keeps re-laid-out conv weights (runtime.derived) while a weight's version counter is
+    unchanged, and torch's fused optimizer kernels (which fusecc.optim runs on the CPU) update weights WITHOUT bumping
+    it: eval, train a step, eval again gave the OLD weights' answers. Every optimizer step now bumps the versions of
+    weights with derived copies; switching train/eval drops them (for writes through p.data)."""
+    from fusecc.runtime import derived
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                            nn.Flatten(), nn.Linear(32 * 64, 10)) for _ in range(3)]
+    fused = fusecc.fuse(models, share=False)
+    x, xv = torch.randn(3, 8, 1, 8, 8), torch.randn(20, 1, 8, 8)
+
+    def check():
+        with torch.no_grad():
+            out = fused.eval()(xv.expand(3, *xv.shape))
+            for i, m in enumerate(fused.unfuse()):
+                assert_close(f"model {i}", out[i], m.eval()(xv), rtol=1e-4, atol=1e-5)
+
+    check()
+    assert len(derived._DERIVED), "the test needs the conv path that keeps derived weights"
+    if make_opt == "p.data":
+        for p in fused.parameters():
+            p.data.add_(0.05)
+        fused.train()
+    else:
+        fused.train()
+        opt = (fusecc.optim.SGD(fused, lr=0.5) if make_opt == "fusecc.optim.SGD" else
+               fusecc.optim.Adam(fused, lr=0.05) if make_opt == "fusecc.optim.Adam" else
+               torch.optim.SGD(fused.parameters(), lr=0.5, fused=True))
+        fused(x).square().mean().backward()
+        opt.step()
+    check()

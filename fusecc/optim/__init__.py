@@ -217,25 +217,87 @@ class FusedOptimizer(torch.optim.Optimizer):
         its optimizer state zeroed, so its next step is a first step, as a new ``torch.optim`` optimizer's would be.
         The other models are untouched. (Hyper-parameter search refills a finished trial's slot with it; the slot's
         weights are reset with ``FusedModule.load_model_state_dict``.)"""
-        n = self.num_models
-        if not 0 <= model < n:
-            raise IndexError(f"fusecc.optim: model {model} out of range for num_models={n}")
-        if "betas" in hyperparameters:
-            hyperparameters["beta1"], hyperparameters["beta2"] = hyperparameters.pop("betas")
-        unknown = [k for k in hyperparameters if k not in self._per_model and k not in self._flags]
-        if unknown:
-            raise ValueError(f"fusecc.optim.{type(self).__name__}.reset_model: '{unknown[0]}' is not a per-model "
-                             f"hyper-parameter; per model are {', '.join(list(self._per_model) + list(self._flags))}")
+        self.set_hyperparameters(model, **hyperparameters)
         for g in self.param_groups:
-            for k, v in hyperparameters.items():
-                vals = list(g[k])
-                vals[model] = v
-                g[k] = self._expand_flag(k, vals) if k in self._flags else self._expand(k, vals)
-            self._check_group(g)
             for p in g["params"]:
                 st = self.state.get(p)
                 if st:
                     self._reset_state(g, p, st, model)
+
+    def set_hyperparameters(self, model: int, **hyperparameters: Any) -> None:
+        """Set model ``model``'s hyper-parameters (in every param group), keeping its state: a schedule's change."""
+        n = self.num_models
+        if not 0 <= model < n:
+            raise IndexError(f"fusecc.optim: model {model} out of range for num_models={n}")
+        if "betas" in hyperparameters:
+            hyperparameters = dict(hyperparameters)
+            hyperparameters["beta1"], hyperparameters["beta2"] = hyperparameters.pop("betas")
+        unknown = [k for k in hyperparameters if k not in self._per_model and k not in self._flags]
+        if unknown:
+            raise ValueError(f"fusecc.optim.{type(self).__name__}: '{unknown[0]}' is not a per-model hyper-parameter; "
+                             f"per model are {', '.join(list(self._per_model) + list(self._flags))}")
+        for g in self.param_groups:
+            old = {k: g[k] for k in hyperparameters}
+            for k, v in hyperparameters.items():
+                vals = list(g[k])
+                vals[model] = v
+                g[k] = self._expand_flag(k, vals) if k in self._flags else self._expand(k, vals)
+            try:
+                self._check_group(g)
+            except ValueError:
+                g.update(old)
+                raise
+
+    def model_state(self, model: int) -> Dict[str, Any]:
+        """Model ``model``'s own optimizer: its hyper-parameters per group and its slices of the state, copied
+        (by parameter name). ``load_model_state`` puts it into any model of an optimizer of the same class."""
+        names = self._param_names
+        if not names:
+            raise ValueError("fusecc.optim: model_state() needs an optimizer built from a FusedModule")
+        groups = [{k: g[k][model] for k in list(self._per_model) + list(self._flags)} for g in self.param_groups]
+        state: Dict[str, Dict[str, Any]] = {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                st = self.state.get(p)
+                if st:
+                    state[names[id(p)]] = {k: (v[model].clone() if isinstance(v, Tensor) and v.dim() > 0 else
+                                               v.clone() if isinstance(v, Tensor) else v) for k, v in st.items()}
+        return {"groups": groups, "state": state}
+
+    def load_model_state(self, model: int, model_state: Dict[str, Any]) -> None:
+        """Make model ``model``'s optimizer the one ``model_state`` (from ``model_state``) describes: a fork."""
+        groups = model_state["groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"fusecc.optim: a model state of {len(groups)} param groups for an optimizer of "
+                             f"{len(self.param_groups)}")
+        for hp in groups:  # (the same values in each group, as set per model)
+            self.set_hyperparameters(model, **hp)
+        by_name = {self._param_names[id(p)]: p for g in self.param_groups for p in g["params"]}
+        n = self.num_models
+        for g in self.param_groups:
+            for p in g["params"]:
+                st = self.state.get(p)
+                if st:
+                    self._reset_state(g, p, st, model)
+        for name, src in model_state["state"].items():
+            p = by_name.get(name)
+            if p is None:
+                raise ValueError(f"fusecc.optim: the model state has a parameter {name!r} this optimizer lacks")
+            st = self.state[p]
+            for k, v in src.items():
+                if k == "step":
+                    cur = st.get("step")
+                    if cur is None:
+                        cur = st["step"] = torch.zeros(n, dtype=torch.float32)
+                    elif cur.dim() == 0:
+                        cur = st["step"] = cur.expand(n).clone()
+                    cur[model] = v
+                elif isinstance(v, Tensor):
+                    if k not in st:
+                        st[k] = torch.zeros_like(p)
+                    st[k][model].copy_(v)
+                else:
+                    st[k] = v
 
     def _check_group(self, g: Dict[str, Any]) -> None:
         """Validate a group's hyper-parameters after a change (subclasses)."""

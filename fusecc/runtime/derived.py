@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 
@@ -15,6 +16,29 @@ _DERIVED = WeakIdKeyDictionary()  # parameter -> {key: (stamp, derived tensor)}
 def tracing() -> bool:
     """Inside torch.jit.trace/script or torch.compile: no tensor may be kept across calls."""
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
+def clear_derived(tensors: Any) -> None:
+    """Forget the derived weights of ``tensors`` (a module switching between train and eval drops them: an update
+    that bypassed the version counter, e.g. through ``p.data``, cannot leave a stale one behind)."""
+    for t in tensors:
+        _DERIVED.pop(t, None)
+
+
+def _bump_after_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    """After any torch optimizer's step: bump the version of its parameters that have derived weights. torch's fused
+    kernels (``torch._fused_sgd_`` / ``_fused_adam(w)_``, which ``fusecc.optim`` and ``torch.optim(fused=True)`` run)
+    and kernels that write through a pointer (fusecc's C and Triton steps) update a parameter without bumping its
+    version counter: the derived copy would stay, stale (a silent wrong answer in the next eval)."""
+    if not len(_DERIVED):
+        return
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if p in _DERIVED:
+                torch.autograd.graph.increment_version(p)
+
+
+register_optimizer_step_post_hook(_bump_after_step)
 
 
 def derived_weight(w: Tensor, key: tuple, fn: Any) -> Tensor:
