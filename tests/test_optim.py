@@ -26,6 +26,16 @@ class Net(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
 
 
+@pytest.fixture(autouse=True)
+def cpu_kernels_for_small_models(monkeypatch):
+    """These models are small, and fusecc.optim runs torch's fused CPU kernels (N calls a step) only from 128K
+    elements per model on; the tests run them anyway so that "auto" tests the kernels (test_small_models_... tests
+    the threshold)."""
+    import fusecc.optim as fo
+
+    monkeypatch.setattr(fo, "_CPU_FUSED_MIN_ELEMENTS", 0)
+
+
 def data(steps, n=N, b=6):
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(n, b, 2, 5, 5, generator=g), torch.randint(0, 3, (n, b), generator=g)) for _ in range(steps)]
@@ -524,3 +534,25 @@ def test_eval_after_training_sees_the_updated_weights(make_opt):
         fused(x).square().mean().backward()
         opt.step()
     check()
+
+
+@pytest.mark.parametrize("opt_name", ["SGD", "Adam"])
+def test_small_models_take_the_aten_update(opt_name, monkeypatch):
+    """Below _CPU_FUSED_MIN_ELEMENTS per model, N calls of torch's fused kernel cost more than a few ops over all N
+    models: the step takes the aten update (no kernel call), with the same results."""
+    import fusecc.optim as fo
+
+    monkeypatch.setattr(fo, "_CPU_FUSED_MIN_ELEMENTS", 1 << 17)
+    calls = []
+    name = "_fused_sgd_" if opt_name == "SGD" else "_fused_adam_"
+    real = getattr(torch, name)
+    monkeypatch.setattr(torch, name, lambda *a, **k: (calls.append(1), real(*a, **k)))
+    fused, models, _ = train_both(opt_name, dict(lr=[1e-3, 2e-3, 3e-3, 4e-3], weight_decay=[0.0, 0.1, 0.0, 0.01]))
+    assert calls == []
+    assert_same_weights(fused, models)
+    big = [nn.Linear(512, 512) for _ in range(2)]  # 262K elements per model: the kernel, once per model
+    f2 = fusecc.fuse(big)
+    opt = getattr(fusecc.optim, opt_name)(f2, lr=1e-3)
+    f2(torch.randn(2, 3, 512)).sum().backward()
+    opt.step()
+    assert len(calls) == 2
