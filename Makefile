@@ -3,7 +3,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.fusecc-installed
 
-.PHONY: venv demo demo-train test test-fast bench kernels-report gpu-check clean
+.PHONY: venv demo demo-train demo-hpo test test-fast bench kernels-report gpu-check clean
 
 # create the virtual environment if absent, (re)install when the requirements change
 $(STAMP): requirements.txt setup.py
@@ -19,6 +19,11 @@ demo: $(STAMP)
 
 demo-train: $(STAMP)
 	$(VPY) examples/train_digits.py
+
+# a 40-trial Optuna search (lr x weight decay x momentum, Hyperband) packed 16 trials at a time, and the same study
+# one trial at a time with torch: the best trial of each and the speed-up
+demo-hpo: $(STAMP)
+	$(VPY) examples/hpo_digits.py
 
 # two workers (pytest-xdist), each running whole test files: module fixtures and file order stay as written
 TEST_WORKERS ?= 2

@@ -192,7 +192,7 @@ class PackReport:
     failed: int = 0
     packs: int = 0
     trial_epochs: int = 0  # epochs of trials trained in a slot
-    shared_epochs: int = 0  # epochs of trials not trained: forked from a trial with the same prefix (stage sharing)
+    shared_epochs: int = 0  # epochs of trials reported but not trained: forked from a shared stage (stage sharing)
     slot_epochs: int = 0  # epochs of slots computed (idle slots too)
     seconds: float = 0.0
     K: int = 0
@@ -231,6 +231,7 @@ class _Slot:
     epoch: int = 0  # epochs trained (or forked)
     values: List[float] = field(default_factory=list)  # the metric after each of them
     reported: int = 0  # epochs reported to the study
+    forked: int = 0  # epochs taken from a shared stage (not trained in this slot)
     order: Optional[Tensor] = None
 
     @property
@@ -488,6 +489,8 @@ class _Pack:
                         break  # an earlier trial has not reported epoch e yet
                     s.reported = e
                     progress = True
+                    if e <= s.forked:  # an epoch the trial did not train: it started from a shared stage
+                        self.report.shared_epochs += 1
                     if self._after_epoch(s, s.values[e - 1], e):
                         self._refill(i)
                         break
@@ -549,8 +552,7 @@ class _Pack:
             weights, opt_state, values = snap
             self.fused.load_model_state_dict(i, weights)
             self.opt.load_model_state(i, opt_state)
-            self.report.shared_epochs += e
-            slot.epoch = e
+            slot.forked = slot.epoch = e
             slot.values = list(values[:e])
         elif fresh:
             self.fused.load_model_state_dict(i, _make_model(self.model, item.rest, item.seed).state_dict())
