@@ -25,7 +25,7 @@ setup(
                     "lora": ["peft>=0.21"],
                     # fusecc serve: the Open Inference Protocol over HTTP (fusecc/serve/)
                     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
-                    "ray": ["ray[serve]>=2.9", "fastapi>=0.110", "prometheus-client>=0.20"],
+                    "ray": ["ray[serve,tune]>=2.9", "fastapi>=0.110", "prometheus-client>=0.20"],
                     # fusecc.hpo: pack-aware hyper-parameter search on Optuna (tqdm: its progress bar)
                     "hpo": ["optuna>=4", "tqdm"]},
 )

@@ -144,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             "seconds_median": statistics.median(x["seconds"] for x in runs[system]),
                             "same_states": same, "max_curve_deviation": dev})
     head = ["model", "system", "wall-clock s (median)", "speed-up", "best trial", "best accuracy",
-            "same pruning decisions", "max |curve - torch's|", "trial-epochs trained / shared"]
+            "same pruning decisions", "max deviation of a curve from torch's", "trial-epochs trained / shared"]
     rows = []
     for r in results:
         base = next(x for x in results if x["model"] == r["model"] and x["system"] == "torch")

@@ -647,3 +647,44 @@ def choose_pack_size(make: Callable[[], nn.Module], x: Tensor, batch_size: int, 
         else:
             break
     return best_k, table
+
+
+# ------------------------------------------------------------------------------------------------ many machines
+def optimize_on_ray_tune(study_name: str, storage: Any, model: Callable[[Dict[str, Any]], nn.Module],
+                         space: Callable[[Any], Dict[str, Any]], data: Data, *, workers: int = 2,
+                         n_trials_per_worker: int = 10, cpus_per_worker: float = 1.0, sampler: Any = None,
+                         pruner: Any = None, storage_path: Optional[str] = None,
+                         **optimize_kwargs: Any) -> List[Dict[str, Any]]:
+    """Ray Tune as the executor: ``workers`` pack workers, each a Tune trial that loads the study from ``storage``
+    and runs :func:`optimize` for ``n_trials_per_worker`` of its trials (K at a time). Ray places them on the
+    cluster's CPUs (``cpus_per_worker`` each) and restarts none twice; Optuna's storage (an RDB URL every node reaches,
+    or a ``JournalStorage`` on a shared file system) is where the workers meet, as ``study.optimize`` workers do.
+
+    The study must exist (``optuna.create_study(study_name=..., storage=...)``); ``sampler`` and ``pruner`` are
+    given to each worker's ``load_study`` (they must pickle). Returns each worker's report (a dict of
+    :class:`PackReport`'s fields). Ray must be initialised (``ray.init()``) or reachable."""
+    import dataclasses
+
+    from ray import tune
+
+    optuna = _optuna()
+    optuna.load_study(study_name=study_name, storage=storage)  # (a clear error here if it does not exist)
+
+    def pack_worker(config: Dict[str, Any]) -> None:
+        import optuna as o
+        o.logging.set_verbosity(o.logging.WARNING)
+        torch.set_num_threads(max(1, int(cpus_per_worker)))
+        study = o.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+        rep = optimize(study, model, space, data, n_trials=config["n_trials"], **optimize_kwargs)
+        tune.report({k: v for k, v in dataclasses.asdict(rep).items() if k != "pack_sizes"})
+
+    tuner = tune.Tuner(
+        tune.with_resources(pack_worker, {"cpu": cpus_per_worker}),
+        param_space={"worker": tune.grid_search(list(range(workers))), "n_trials": n_trials_per_worker},
+        run_config=tune.RunConfig(name=f"fusecc-hpo-{study_name}", storage_path=storage_path, verbose=0))
+    results = tuner.fit()
+    errors = [r.error for r in results if r.error is not None]
+    if errors:
+        raise RuntimeError(f"fusecc.hpo: {len(errors)} of {workers} Ray Tune pack workers failed: {errors[0]}")
+    fields = [f.name for f in dataclasses.fields(PackReport) if f.name != "pack_sizes"]
+    return [{k: r.metrics[k] for k in fields} for r in results]

@@ -45,3 +45,19 @@ def test_readme_shared_weights_example():
     assert fused.weight_bytes()["shared"] == 44744608 and fused.weight_bytes()["per_model"] == 164160
     assert y.shape == (8, 4, 10)
     assert fused.fusion_report.count("conv2d", "one conv over the N*B batch (weight shared by all models)") == 20
+
+
+def test_readme_hpo_example():
+    """The README's hyper-parameter search runs as written (on digits) and its best trial is a completed one."""
+    optuna = pytest.importorskip("optuna")
+    from sklearn.datasets import load_digits
+
+    xs, ys = load_digits(return_X_y=True)
+    x, y = torch.tensor(xs / 16.0, dtype=torch.float32), torch.tensor(ys)
+    ns: dict = {"MLP": lambda: torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)),
+                "x_train": x[:1200], "y_train": y[:1200], "x_valid": x[1200:], "y_valid": y[1200:]}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    exec(compile(_block_after("### Hyper-parameter search on Optuna"), "README.md", "exec"), ns)  # noqa: S102
+    study = ns["study"]
+    assert len(study.trials) == 40 and study.best_trial.state == optuna.trial.TrialState.COMPLETE
+    assert study.best_value > 0.9
