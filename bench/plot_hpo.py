@@ -26,10 +26,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             doc = json.load(f)
         for model in dict.fromkeys(r["model"] for r in doc["results"]):
             panels.append((doc, model))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    cols = min(2, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.8 * rows), squeeze=False)
     styles = {"torch": ("tab:gray", "one trial at a time (torch)"), "packed": ("tab:blue", "packed (fusecc.hpo)"),
               "packed+sharing": ("tab:green", "packed + stage sharing")}
-    for ax, (doc, model) in zip(axes[0], panels):
+    for ax, (doc, model) in zip(axes.flatten(), panels):
         args = doc["args"]
         for r in doc["results"]:
             if r["model"] != model:

@@ -598,14 +598,15 @@ def _make_optimizer(optimizer: str, fused: Any, hps: Sequence[Dict[str, Any]]) -
 
 # ------------------------------------------------------------------------------------------------ K = "auto"
 def choose_pack_size(make: Callable[[], nn.Module], x: Tensor, batch_size: int, optimizer: str = "sgd",
-                     candidates: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), steps: int = 3,
+                     candidates: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), steps: int = 5,
                      max_memory_bytes: Optional[int] = None, gain: float = 1.1) -> Tuple[int, Dict[int, float]]:
     """The pack size: the memory estimate bounds it, a short measurement of train steps at growing K picks it.
 
     For each K in ``candidates`` that fits ``max_memory_bytes`` (weights, gradients and optimizer state of K models,
-    plus activations measured at K=1, scaled by K; default half of the free memory), times ``steps`` train steps of
-    K fused models and computes trial-steps per second (K / step time). K doubles while that grows by >= ``gain``
-    (10%); the K with the most trial-steps/s is chosen. Returns (K, {K: trial-steps/s}).
+    plus an allowance for activations of 8x a batch's input bytes per model; default half of the free memory), times
+    ``steps`` train steps of K fused models and computes trial-steps per second (K / step time). K doubles while that
+    grows by >= ``gain`` (10%), and once more after a K where it did not (a few steps' timing is noisy); the K with the
+    most trial-steps/s is chosen. Returns (K, {K: trial-steps/s}).
     """
     if max_memory_bytes is None:
         try:
@@ -619,7 +620,7 @@ def choose_pack_size(make: Callable[[], nn.Module], x: Tensor, batch_size: int, 
     xb = x[:batch_size]
     act = xb.numel() * xb.element_size() * 8  # a rough per-model activation allowance
     table: Dict[int, float] = {}
-    best_k, best = 1, 0.0
+    best_k, best, flat = 1, 0.0, 0
     for k in candidates:
         if k * (per_model * state_mult + act) > max_memory_bytes:
             break
@@ -639,13 +640,14 @@ def choose_pack_size(make: Callable[[], nn.Module], x: Tensor, batch_size: int, 
             step()
         rate = k * steps / (time.perf_counter() - t0)
         table[k] = rate
-        if rate > best:
-            grew = rate >= best * gain
-            best_k, best = k, rate
-            if not grew:
+        if rate >= best * gain:
+            best_k, best, flat = k, rate, 0
+        else:  # one more K after a step that did not grow by `gain` (the timing of a few steps is noisy)
+            if rate > best:
+                best_k, best = k, rate
+            flat += 1
+            if flat > 1:
                 break
-        else:
-            break
     return best_k, table
 
 
