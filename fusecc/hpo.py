@@ -5,12 +5,12 @@
     import optuna, fusecc.hpo
 
     def space(trial):                      # one trial's hyper-parameters, sampled by the study's sampler
-        return {"lr": trial.suggest_float("lr", 1e-3, 0.5, log=True),
-                "momentum": trial.suggest_float("momentum", 0.0, 0.95),
+        return {"lr": trial.suggest_float("lr", 1e-3, 0.1, log=True),
+                "momentum": trial.suggest_float("momentum", 0.0, 0.9),
                 "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)}
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0),
-                                pruner=optuna.pruners.HyperbandPruner(max_resource=20))
+                                pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=20))
     fusecc.hpo.optimize(study, model=lambda hp: MLP(), space=space, data=(x_train, y_train, x_valid, y_valid),
                         optimizer="sgd", epochs=20, batch_size=32, n_trials=40, K=8)
     study.best_trial
@@ -32,6 +32,9 @@ before the first one finishes).
 
 Hyper-parameters other than the optimizer's and ``seed`` are handed to ``model(hp)``; they may change the
 architecture, so trials whose values differ go to different packs (one pack trains at a time; the others wait).
+An optimizer value may be a list, one per epoch (a schedule); with ``seed_by_trial=False`` trials whose schedules
+share a prefix start from a snapshot at its end (Hippo's stage sharing). Many workers meet in one study through
+Optuna's storage; :func:`optimize_on_ray_tune` places them with Ray Tune. See docs/hpo.md.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from torch import Tensor
 from . import optim as _optim
 from .api import fuse
 
-__all__ = ["optimize", "torch_objective", "PackReport", "choose_pack_size", "OPTIMIZERS"]
+__all__ = ["optimize", "torch_objective", "optimize_on_ray_tune", "PackReport", "choose_pack_size", "OPTIMIZERS"]
 
 # name: (fusecc optimizer, torch optimizer, the hyper-parameters they take per trial)
 OPTIMIZERS: Dict[str, Tuple[type, type, Tuple[str, ...]]] = {
@@ -101,6 +104,15 @@ def _prefix_key(opt_hp: Dict[str, Any], epochs: int) -> Tuple[Any, ...]:
     return tuple(repr(sorted(_hp_at(opt_hp, e).items())) for e in range(epochs))
 
 
+def _batch_size(rest: Dict[str, Any], default: int, n: int) -> int:
+    """A trial's batch size: its ``batch_size`` hyper-parameter (which puts it in a pack of that size), else the
+    search's."""
+    b = rest.get("batch_size", default)
+    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= n:
+        raise ValueError(f"fusecc.hpo: batch_size must be an int in 1..{n} (the training rows), got {b!r}")
+    return b
+
+
 def trial_seed(number: int, seed: int, hp_seed: int, by_trial: bool = True) -> int:
     """The seed of a trial's initial weights and data order: the search's seed, the trial's own ``seed``
     hyper-parameter and (``by_trial``) its number."""
@@ -150,11 +162,12 @@ def torch_objective(model: Callable[[Dict[str, Any]], nn.Module], space: Callabl
     """The same search one trial at a time with plain torch: an Optuna objective for ``study.optimize``. Each trial
     trains exactly as it does in a pack of :func:`optimize` (same seed, batches, schedule, reports, pruning)."""
     x, y, xv, yv = data
-    steps = len(x) // batch_size  # the last partial batch is dropped, as in a pack (every slot steps together)
 
     def objective(trial: Any) -> float:
         hp = space(trial)
         opt_hp, rest, hp_seed = _split(hp, optimizer)
+        bs = _batch_size(rest, batch_size, len(x))
+        steps = len(x) // bs  # the last partial batch is dropped, as in a pack (every slot steps together)
         s = trial_seed(trial.number, seed, hp_seed, seed_by_trial)
         m = _make_model(model, rest, s).train()
         opt = OPTIMIZERS[optimizer][1](m.parameters(), **_hp_at(opt_hp, 0))
@@ -164,7 +177,7 @@ def torch_objective(model: Callable[[Dict[str, Any]], nn.Module], space: Callabl
                 g.update(_hp_at(opt_hp, epoch))
             order = _order(len(x), s, epoch)
             for j in range(steps):
-                idx = order[j * batch_size:(j + 1) * batch_size]
+                idx = order[j * bs:(j + 1) * bs]
                 loss = F.cross_entropy(m(x[idx]), y[idx])
                 loss.backward()
                 opt.step()
@@ -285,7 +298,8 @@ class _Asker:
                 names = sorted(n for n, _ in item.key)
                 warnings.warn(f"fusecc.hpo: trial {trial.number} waits for another pack: its hyper-parameters "
                               f"{names} are not the {self.optimizer} optimizer's, so they go to model(hp) and may "
-                              "change the architecture; trials that differ in them never share a pack. Suggest them "
+                              "change the architecture (or the batch size); trials that differ in them never share "
+                              "a pack. Suggest them "
                               "from a few values (suggest_categorical), or drop them if the model ignores them",
                               stacklevel=4)
             self.parked.setdefault(item.key, []).append(item)
@@ -315,7 +329,8 @@ def optimize(study: Any, model: Callable[[Dict[str, Any]], nn.Module], space: Ca
         K: trials per pack, or ``"auto"`` (:func:`choose_pack_size`).
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"rmsprop"`` (fusecc.optim's, per trial).
         epochs: the epochs of a trial that is not pruned; a report (``trial.report(value, epoch)``) after each.
-        batch_size: rows per step (the last partial batch of an epoch is dropped).
+        batch_size: rows per step (the last partial batch of an epoch is dropped); a ``batch_size`` hyper-parameter
+            from ``space`` overrides it per trial (trials of different batch sizes train in different packs).
         metric: ``"accuracy"`` (maximize) or ``"loss"`` (minimize), on the validation set.
         seed: the search's seed.
         seed_by_trial: each trial's weights and batches from its own seed (its number); False: every trial starts
@@ -335,7 +350,6 @@ def optimize(study: Any, model: Callable[[Dict[str, Any]], nn.Module], space: Ca
         raise ValueError(f"fusecc.hpo: optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     _warn_auto_resources(study.pruner, epochs)
     x = data[0]
-    steps = len(x) // batch_size
     report = PackReport()
     t_start = time.perf_counter()
     asker = _Asker(study, space, optimizer, n_trials, timeout, seed, seed_by_trial)
@@ -350,8 +364,9 @@ def optimize(study: Any, model: Callable[[Dict[str, Any]], nn.Module], space: Ca
             if first is None:
                 break
             if K == "auto":
-                k, table = choose_pack_size(lambda f=first: _make_model(model, f.rest, f.seed), x, batch_size,
-                                            optimizer, max_memory_bytes=max_memory_bytes)
+                k, table = choose_pack_size(lambda f=first: _make_model(model, f.rest, f.seed), x,
+                                            _batch_size(first.rest, batch_size, len(x)), optimizer,
+                                            max_memory_bytes=max_memory_bytes)
                 report.pack_sizes = table
             else:
                 k = int(K)
@@ -363,7 +378,8 @@ def optimize(study: Any, model: Callable[[Dict[str, Any]], nn.Module], space: Ca
                     break
                 items.append(it)
             report.packs += 1
-            _Pack(study, model, asker, sharing, data, optimizer, epochs, steps, batch_size, metric, report,
+            bs = _batch_size(first.rest, batch_size, len(x))  # (a batch_size hyper-parameter: one per pack)
+            _Pack(study, model, asker, sharing, data, optimizer, epochs, len(x) // bs, bs, metric, report,
                   bar).run(items)
     finally:
         if bar is not None:

@@ -217,3 +217,21 @@ def test_two_workers_share_one_study_through_its_storage(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             assert abs(obj(fixed) - t.intermediate_values[1]) < 1e-4
+
+
+def test_a_batch_size_hyper_parameter_gives_packs_of_that_batch_size():
+    """batch_size from the space: each trial trains with its own batch size, as alone; sizes in different packs."""
+    def space(t):
+        return {"batch_size": t.suggest_categorical("batch_size", [32, 80]), "lr": t.suggest_float("lr", 0.01, 0.1)}
+
+    kw = dict(optimizer="sgd", epochs=2, metric="loss")
+    packed = study(optuna.pruners.NopPruner())
+    with pytest.warns(UserWarning, match="batch_size"):
+        rep = hpo.optimize(packed, mlp, space, DATA, n_trials=6, K=3, **kw)
+    alone = study(optuna.pruners.NopPruner())
+    alone.optimize(hpo.torch_objective(mlp, space, DATA, **kw), n_trials=6)
+    assert_same_search(packed, alone)
+    assert rep.packs == 2
+    with pytest.raises(ValueError, match="batch_size must be an int in 1..320"):
+        hpo.optimize(study(optuna.pruners.NopPruner(), name="b"), mlp, lambda t: {"batch_size": 0}, DATA, n_trials=1,
+                     metric="loss")
