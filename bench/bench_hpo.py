@@ -117,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
     import optuna
-    from bench._common import machine_info, print_machine
+    from bench._common import machine_info, print_grid, print_machine
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(a.threads)
     torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # torch.optim's first use imports torch._dynamo: untimed
@@ -157,16 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      f"{sum(len(v) for v in r['values'])} / 0"])
     print(f"\n{a.trials} trials, {a.epochs} epochs, batch {a.batch}, SGD, Hyperband(min 1, max {a.epochs}), "
           f"RandomSampler(seed={a.seed}), space {a.space}, validation accuracy; {a.reps} interleaved rounds\n")
-    if a.markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "|".join("---" for _ in head) + "|")
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-    else:
-        w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-        print("  ".join(h.ljust(x) for h, x in zip(head, w)))
-        for row in rows:
-            print("  ".join(c.ljust(x) for c, x in zip(row, w)))
+    print_grid(head, rows, a.markdown)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"machine": info, "args": vars(a), "results": results}, f, indent=1)

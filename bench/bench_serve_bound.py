@@ -61,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     sys.path.insert(0, ROOT)
-    from bench._common import machine_info, print_machine
+    from bench._common import machine_info, print_grid, print_machine
     from bench.bench_serve import FLEETS, popularity
     from fusecc.serve import ServedFleet, TensorSpec
     from fusecc.serve.fleet import Request
@@ -121,16 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             f"{med['per-model'] / med['fusecc']:.2f}x", f"{med['per-model'] / bound:.2f}x",
                             f"{med['fusecc'] / bound:.2f}x"])
                 print("  ".join(out[-1]), file=sys.stderr, flush=True)
-    if a.markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "|".join("---" for _ in head) + "|")
-        for r in out:
-            print("| " + " | ".join(r) + " |")
-    else:
-        w = [max(len(h), *(len(r[i]) for r in out)) for i, h in enumerate(head)]
-        print("  ".join(h.ljust(x) for h, x in zip(head, w)))
-        for r in out:
-            print("  ".join(c.ljust(x) for c, x in zip(r, w)))
+    print_grid(head, out, a.markdown, left=3, last_left=False)
     return 0
 
 

@@ -109,16 +109,17 @@ def test_stage_sharing_trains_a_shared_prefix_once():
     assert_same_search(plain, alone)
 
 
-def test_architecture_hyper_parameters_go_to_separate_packs():
-    """A hyper-parameter the optimizer does not take goes to model(hp): trials that differ in it train in different
-    packs (a warning says so); each trial still trains exactly as alone."""
+@pytest.mark.parametrize("key,values,batch", [("hidden", [16, 32], 64), ("batch_size", [32, 80], 32)])
+def test_architecture_and_batch_size_hyper_parameters_go_to_separate_packs(key, values, batch):
+    """A hyper-parameter the optimizer does not take goes to model(hp) (a batch_size one sets the trial's batch
+    size): trials that differ in it train in different packs (a warning says so); each trains exactly as alone."""
     def space(t):
-        return {"hidden": t.suggest_categorical("hidden", [16, 32]), "lr": t.suggest_float("lr", 0.01, 0.1)}
+        return {key: t.suggest_categorical(key, values), "lr": t.suggest_float("lr", 0.01, 0.1)}
 
-    kw = dict(optimizer="sgd", epochs=2, batch_size=64, metric="loss")
+    kw = dict(optimizer="sgd", epochs=2, batch_size=batch, metric="loss")
     packed = study(optuna.pruners.NopPruner())
-    with pytest.warns(UserWarning, match="waits for another pack: its hyper-parameters \\['hidden'\\]"):
-        rep = hpo.optimize(packed, mlp, space, DATA, n_trials=6, K=4, **kw)
+    with pytest.warns(UserWarning, match=f"waits for another pack: its hyper-parameters \\['{key}'\\]"):
+        rep = hpo.optimize(packed, mlp, space, DATA, n_trials=6, K=3, **kw)
     alone = study(optuna.pruners.NopPruner())
     alone.optimize(hpo.torch_objective(mlp, space, DATA, **kw), n_trials=6)
     assert_same_search(packed, alone)
@@ -148,6 +149,8 @@ def test_bad_input_says_what_to_do():
         hpo.optimize(s, mlp, sgd_space, DATA, n_trials=1, optimizer="lion", metric="loss")
     with pytest.raises(ValueError, match="batch_size must be in 1..320"):
         hpo.optimize(s, mlp, sgd_space, DATA, n_trials=1, batch_size=1000, metric="loss")
+    with pytest.raises(ValueError, match="batch_size must be an int in 1..320"):
+        hpo.optimize(s, mlp, lambda t: {"batch_size": 0}, DATA, n_trials=1, metric="loss")
     with pytest.raises(TypeError, match="space\\(trial\\) must return a dict"):
         hpo.optimize(s, mlp, lambda t: [t.suggest_float("x", 0.1, 0.2)], DATA, n_trials=1, metric="loss")
     with pytest.warns(UserWarning, match="give min_resource=1"):
@@ -217,21 +220,3 @@ def test_two_workers_share_one_study_through_its_storage(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             assert abs(obj(fixed) - t.intermediate_values[1]) < 1e-4
-
-
-def test_a_batch_size_hyper_parameter_gives_packs_of_that_batch_size():
-    """batch_size from the space: each trial trains with its own batch size, as alone; sizes in different packs."""
-    def space(t):
-        return {"batch_size": t.suggest_categorical("batch_size", [32, 80]), "lr": t.suggest_float("lr", 0.01, 0.1)}
-
-    kw = dict(optimizer="sgd", epochs=2, metric="loss")
-    packed = study(optuna.pruners.NopPruner())
-    with pytest.warns(UserWarning, match="batch_size"):
-        rep = hpo.optimize(packed, mlp, space, DATA, n_trials=6, K=3, **kw)
-    alone = study(optuna.pruners.NopPruner())
-    alone.optimize(hpo.torch_objective(mlp, space, DATA, **kw), n_trials=6)
-    assert_same_search(packed, alone)
-    assert rep.packs == 2
-    with pytest.raises(ValueError, match="batch_size must be an int in 1..320"):
-        hpo.optimize(study(optuna.pruners.NopPruner(), name="b"), mlp, lambda t: {"batch_size": 0}, DATA, n_trials=1,
-                     metric="loss")

@@ -437,6 +437,19 @@ RESETS = [  # (optimizer, its per-model settings, model 1's new settings at the 
 ]
 
 
+def two_steps_both_ways(opt_name, kwargs):
+    """N models fused with one fusecc optimizer and as N torch models with N torch optimizers, 2 steps each; returns
+    (fused, opt, torch models, torch optimizers, the 5 batches)."""
+    models = make_models(Net, N)
+    refs = [copy.deepcopy(m) for m in models]
+    fused = fusecc.fuse(models).train()
+    opt = getattr(fusecc.optim, opt_name)(fused, **kwargs)
+    ref_opts = [getattr(torch.optim, opt_name)(m.parameters(), **per_model(kwargs, i)) for i, m in enumerate(refs)]
+    batches = data(5)
+    run_steps(fused, opt, refs, ref_opts, batches[:2])
+    return fused, opt, refs, ref_opts, batches
+
+
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("opt_name,kwargs,new", RESETS, ids=[f"{o}-{i}" for i, (o, _, _) in enumerate(RESETS)])
 def test_reset_model_restarts_one_model_as_a_new_torch_optimizer(opt_name, kwargs, new, backend):
@@ -446,13 +459,7 @@ def test_reset_model_restarts_one_model_as_a_new_torch_optimizer(opt_name, kwarg
     from fusecc.kernels import use_backend
 
     with use_backend(backend):
-        models = make_models(Net, N)
-        refs = [copy.deepcopy(m) for m in models]
-        fused = fusecc.fuse(models).train()
-        opt = getattr(fusecc.optim, opt_name)(fused, **kwargs)
-        ref_opts = [getattr(torch.optim, opt_name)(m.parameters(), **per_model(kwargs, i)) for i, m in enumerate(refs)]
-        batches = data(5)
-        run_steps(fused, opt, refs, ref_opts, batches[:2])
+        fused, opt, refs, ref_opts, batches = two_steps_both_ways(opt_name, kwargs)
         torch.manual_seed(7)
         fresh = make_models(Net, 1)[0]
         fused.load_model_state_dict(1, fresh.state_dict())
@@ -482,13 +489,7 @@ def test_reset_model_errors():
 def test_fork_one_model_into_another(opt_name, kwargs):
     """model_state(0) -> load_model_state(2) with model 0's weights: model 2 continues as a copy of torch model 0
     and its torch optimizer (state_dict copied); the others go on untouched (stage sharing forks trials so)."""
-    models = make_models(Net, N)
-    refs = [copy.deepcopy(m) for m in models]
-    fused = fusecc.fuse(models).train()
-    opt = getattr(fusecc.optim, opt_name)(fused, **kwargs)
-    ref_opts = [getattr(torch.optim, opt_name)(m.parameters(), **per_model(kwargs, i)) for i, m in enumerate(refs)]
-    batches = data(5)
-    run_steps(fused, opt, refs, ref_opts, batches[:2])
+    fused, opt, refs, ref_opts, batches = two_steps_both_ways(opt_name, kwargs)
     fused.load_model_state_dict(2, fused.model_state_dict(0))
     opt.load_model_state(2, opt.model_state(0))
     refs[2] = copy.deepcopy(refs[0])
