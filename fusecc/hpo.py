@@ -39,6 +39,7 @@ Optuna's storage; :func:`optimize_on_ray_tune` places them with Ray Tune. See do
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -591,13 +592,17 @@ def _warn_auto_resources(pruner: Any, epochs: int) -> None:
                       "same search one trial at a time", stacklevel=3)
 
 
+@functools.lru_cache(maxsize=None)
+def _torch_defaults(optimizer: str) -> Dict[str, Any]:
+    """The torch optimizer's defaults of the hyper-parameters a trial may set."""
+    import inspect
+    params = inspect.signature(OPTIMIZERS[optimizer][1].__init__).parameters
+    return {k: v.default for k, v in params.items() if k in OPTIMIZERS[optimizer][2]}
+
+
 def _per_model_hp(optimizer: str, hp: Dict[str, Any]) -> Dict[str, Any]:
     """A torch optimizer's keyword arguments as fusecc.optim's per-model hyper-parameters (defaults filled in)."""
-    import inspect
-    torch_cls = OPTIMIZERS[optimizer][1]
-    defaults = {k: v.default for k, v in inspect.signature(torch_cls.__init__).parameters.items()
-                if k in OPTIMIZERS[optimizer][2]}
-    return {**defaults, **hp}
+    return {**_torch_defaults(optimizer), **hp}
 
 
 def _make_optimizer(optimizer: str, fused: Any, hps: Sequence[Dict[str, Any]]) -> Any:
