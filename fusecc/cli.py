@@ -304,7 +304,7 @@ def _routed_inputs(args: argparse.Namespace, models: List[nn.Module], second: bo
 def _export_routed(args: argparse.Namespace, progress: Progress, out: str) -> int:
     """``fusecc export --routed``: one artifact taking rows of any models plus a model id per row."""
     from .serve.fleet import is_transformers
-    from .serve.routed import routed_entry
+    from .serve.routed import flatten_outputs, routed_entry
 
     if args.format not in ("pt2", "torchscript"):
         raise _UsageError("--routed exports --format pt2 or torchscript")
@@ -327,12 +327,8 @@ def _export_routed(args: argparse.Namespace, progress: Progress, out: str) -> in
         with torch.no_grad():
             for r, k in enumerate(ids.tolist()):
                 one = [t[r:r + 1] for t in ts]
-                o = models[k](**dict(zip(names, one))) if hf else models[k](*one)
-                rows.append(o)
-        first = rows[0]
-        keys = [k for k, v in first.items() if isinstance(v, Tensor)] if hasattr(first, "keys") else ["output"]
-        get = (lambda o, k: o[k]) if hasattr(first, "keys") else (lambda o, k: o)
-        return {k: torch.cat([get(o, k) for o in rows]) for k in keys}
+                rows.append(flatten_outputs(models[k](**dict(zip(names, one))) if hf else models[k](*one)))
+        return {k: torch.cat([o[k] for o in rows]) for k in rows[0]}
 
     with atomic_path(out, SUFFIX[args.format]) as tmp:
         args_in = (*tensors, model_id)

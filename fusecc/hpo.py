@@ -88,12 +88,17 @@ def _split(hp: Dict[str, Any], optimizer: str) -> Tuple[Dict[str, Any], Dict[str
     return opt, rest, int(hp.get("seed", 0))
 
 
+def _per_epoch(k: str, v: Any) -> bool:
+    """A value per epoch (a schedule): a list, where ``betas`` is a pair or a list of pairs."""
+    return isinstance(v, (list, tuple)) and not (k == "betas" and len(v) == 2 and not isinstance(v[0], (list, tuple)))
+
+
 def _hp_at(opt_hp: Dict[str, Any], epoch: int) -> Dict[str, Any]:
     """A trial's optimizer hyper-parameters for one epoch: a list gives one value per epoch (its last one holds
     for the epochs after it); ``betas`` is a pair, or a list of pairs."""
     out = {}
     for k, v in opt_hp.items():
-        if isinstance(v, (list, tuple)) and not (k == "betas" and len(v) == 2 and not isinstance(v[0], (list, tuple))):
+        if _per_epoch(k, v):
             if not v:
                 raise ValueError(f"fusecc.hpo: hyper-parameter {k!r} is an empty list; give a value per epoch")
             v = v[min(epoch, len(v) - 1)]
@@ -238,6 +243,11 @@ class _Item:
     seed: int
     key: Any  # the pack key (the hyper-parameters that go to the model)
 
+    @property
+    def scheduled(self) -> bool:
+        """Some optimizer value changes over the epochs (a list)."""
+        return any(_per_epoch(k, v) for k, v in self.opt_hp.items())
+
 
 @dataclass
 class _Slot:
@@ -287,7 +297,7 @@ class _Asker:
                 self.study.tell(trial, state=_optuna().trial.TrialState.FAIL)
                 raise
             for k, v in opt_hp.items():
-                if isinstance(v, (list, tuple)) and k != "betas":
+                if _per_epoch(k, v):
                     self.boundaries.update(e for e in range(1, len(v)) if v[e] != v[e - 1])
             item = _Item(trial, opt_hp, rest, trial_seed(trial.number, self.seed, hp_seed, self.seed_by_trial),
                          _pack_key(rest))
@@ -380,8 +390,7 @@ def optimize(study: Any, model: Callable[[Dict[str, Any]], nn.Module], space: Ca
                 items.append(it)
             report.packs += 1
             bs = _batch_size(first.rest, batch_size, len(x))  # (a batch_size hyper-parameter: one per pack)
-            _Pack(study, model, asker, sharing, data, optimizer, epochs, len(x) // bs, bs, metric, report,
-                  bar).run(items)
+            _Pack(study, model, asker, sharing, data, optimizer, epochs, bs, metric, report, bar).run(items)
     finally:
         if bar is not None:
             bar.close()
@@ -426,10 +435,11 @@ class _Pack:
     below t has reported epoch e (a trial forked from a shared stage has its first values at once, and waits)."""
 
     def __init__(self, study: Any, model: Callable[[Dict[str, Any]], nn.Module], asker: _Asker,
-                 sharing: Optional[_Stages], data: Data, optimizer: str, epochs: int, steps: int, batch_size: int,
+                 sharing: Optional[_Stages], data: Data, optimizer: str, epochs: int, batch_size: int,
                  metric: str, report: PackReport, bar: Any) -> None:
         self.study, self.model, self.asker, self.sharing = study, model, asker, sharing
-        self.data, self.optimizer, self.epochs, self.steps, self.batch_size = data, optimizer, epochs, steps, batch_size
+        self.data, self.optimizer, self.epochs, self.batch_size = data, optimizer, epochs, batch_size
+        self.steps = len(data[0]) // batch_size  # the last partial batch is dropped (every slot steps together)
         self.metric, self.report, self.bar = metric, report, bar
         self.optuna = _optuna()
         self.exhausted = False
@@ -461,12 +471,14 @@ class _Pack:
         for i, s in enumerate(training):
             if s is not None:
                 s.order = _order(len(x), s.item.seed, s.epoch)
-                self.opt.set_hyperparameters(i, **_per_model_hp(self.optimizer, _hp_at(s.item.opt_hp, s.epoch)))
+                if s.item.scheduled:  # (a slot's first values are set when it is filled)
+                    self.opt.set_hyperparameters(i, **_per_model_hp(self.optimizer, _hp_at(s.item.opt_hp, s.epoch)))
         live = next((s for s in training if s is not None), None)
         if live is not None:  # idle slots (if any) train on its batches
             for j in range(self.steps):
                 idx = torch.stack([(s or live).order[j * bs:(j + 1) * bs] for s in training])  # type: ignore
                 out = self.fused(x[idx])  # [K, B, classes]
+                # (fusecc.per_model_loss, vectorised: one cross-entropy over all K slots instead of K calls a step)
                 loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y[idx].reshape(-1), reduction="none")
                 loss.view(k, -1).mean(1).sum().backward()  # each slot exactly its own mean loss's gradient
                 self.opt.step()
